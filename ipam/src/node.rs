@@ -1,0 +1,189 @@
+//! A peer's whole IPAM state — its ring view and its allocations — as a pure state machine.
+//! It never sends anything: it returns the messages to send, and the caller (the router's ring
+//! actor, or the simulator) moves them.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use rand::Rng;
+
+use crate::{AllocKey, Cidr, Error, PeerName, Range, Result, Ring, Seed, Space};
+
+/// What peers say to each other about the ring.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// The sender's whole ring: periodic gossip, and the answer to a space request (a grant
+    /// shows up in it as ranges now owned by the requester).
+    Ring(Ring),
+    /// "I have no free space left: grant me some." Always answered with the sender's ring.
+    SpaceRequest,
+}
+
+/// A message for one peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outgoing {
+    pub to: PeerName,
+    pub msg: Message,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    me: PeerName,
+    ring: Ring,
+    space: Space,
+    /// Dead peers whose ranges we took over (we hold their reclaim lock). Gossip may still bring
+    /// ranges granted to them that we had not seen; those are taken over as they arrive.
+    reclaimed: BTreeSet<PeerName>,
+}
+
+impl Node {
+    /// A peer with an unseeded ring: it learns the ring by gossip, or seeds it.
+    pub fn new(me: PeerName, universe: Cidr) -> Result<Self> {
+        Ok(Node {
+            me,
+            ring: Ring::new(universe)?,
+            space: Space::new(universe),
+            reclaimed: BTreeSet::new(),
+        })
+    }
+
+    /// A peer restored from disk. Every allocation must lie inside a range it owns.
+    pub fn from_parts(me: PeerName, ring: Ring, space: Space) -> Result<Self> {
+        let node = Node {
+            me,
+            ring,
+            space,
+            reclaimed: BTreeSet::new(),
+        };
+        if let Some((addr, key)) = node.space.outside(&node.owned()).into_iter().next() {
+            return Err(Error::NotMine {
+                addr,
+                key: key.to_string(),
+                me: node.me,
+            });
+        }
+        Ok(node)
+    }
+
+    pub fn me(&self) -> &PeerName {
+        &self.me
+    }
+
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    pub fn space(&self) -> &Space {
+        &self.space
+    }
+
+    /// Seeds the ring if it is not seeded yet (the caller decided, atomically, that this seed is
+    /// the cluster's). Seeding an already seeded ring with the same seed is a no-op.
+    pub fn seed(&mut self, seed: Seed) -> Result<()> {
+        let seeded = Ring::seeded(self.ring.universe(), seed)?;
+        self.ring.merge(&seeded, &self.me)?;
+        Ok(())
+    }
+
+    pub fn owned(&self) -> Vec<Range> {
+        self.ring.owned_ranges(&self.me)
+    }
+
+    /// Our ranges as CIDRs: routes to the bridge here, AllowedIPs on every other peer.
+    pub fn owned_cidrs(&self) -> Vec<Cidr> {
+        self.ring.owned_cidrs(&self.me)
+    }
+
+    /// An address for `key` from our own ranges, with no coordination. [`Error::NoSpace`] means
+    /// the caller should ask a peer for space (see [`Node::space_request`]) and retry after the
+    /// answer arrives.
+    pub fn allocate(&mut self, key: AllocKey) -> Result<Ipv4Addr> {
+        let owned = self.owned();
+        self.space.allocate(&self.me, &owned, key)
+    }
+
+    /// Restores an allocation read back from disk or from a live pod.
+    pub fn claim(&mut self, addr: Ipv4Addr, key: AllocKey) -> Result<()> {
+        let owned = self.owned();
+        self.space.claim(&self.me, &owned, addr, key)
+    }
+
+    pub fn release(&mut self, key: &AllocKey) -> Option<Ipv4Addr> {
+        self.space.release(key)
+    }
+
+    pub fn gc(&mut self, live: impl Fn(&AllocKey) -> bool) -> Vec<(AllocKey, Ipv4Addr)> {
+        self.space.gc(live)
+    }
+
+    /// Free addresses we own, by our own count.
+    pub fn free(&self) -> u64 {
+        self.owned()
+            .iter()
+            .map(|r| u64::from(self.space.free_in(*r)))
+            .sum()
+    }
+
+    /// Our ring for gossip, with our free counts brought up to date first.
+    pub fn gossip(&mut self) -> Message {
+        let space = &self.space;
+        self.ring.report_free(&self.me, |r| space.free_in(r));
+        Message::Ring(self.ring.clone())
+    }
+
+    /// Whom to ask for space, best first (weighted random by reported free space); empty when no
+    /// peer reports any.
+    pub fn space_request(&self, rng: &mut impl Rng) -> Vec<Outgoing> {
+        self.ring
+            .choose_peers_to_ask(&self.me, rng)
+            .into_iter()
+            .map(|to| Outgoing {
+                to,
+                msg: Message::SpaceRequest,
+            })
+            .collect()
+    }
+
+    /// Handles a message from `from`; returns whether our ring changed and what to answer.
+    pub fn handle(&mut self, from: &PeerName, msg: &Message) -> Result<(bool, Option<Outgoing>)> {
+        match msg {
+            Message::Ring(ring) => {
+                let changed = self.ring.merge(ring, &self.me)?;
+                if changed {
+                    for dead in &self.reclaimed {
+                        self.ring.transfer(dead, &self.me);
+                    }
+                }
+                Ok((changed, None))
+            }
+            Message::SpaceRequest => {
+                let owned = self.owned();
+                let mut changed = false;
+                if from != &self.me {
+                    if let Some(range) = self.space.donation(&owned) {
+                        let space = &self.space;
+                        self.ring
+                            .grant(&self.me, range, from, |r| space.free_in(r))?;
+                        changed = true;
+                    }
+                }
+                Ok((
+                    changed,
+                    Some(Outgoing {
+                        to: from.clone(),
+                        msg: self.gossip(),
+                    }),
+                ))
+            }
+        }
+    }
+
+    /// Takes over every range of `dead`. Only for the holder of the reclaim lock on `dead`.
+    pub fn reclaim(&mut self, dead: &PeerName) -> Vec<Range> {
+        if dead == &self.me {
+            return Vec::new();
+        }
+        self.reclaimed.insert(dead.clone());
+        self.ring.transfer(dead, &self.me)
+    }
+}

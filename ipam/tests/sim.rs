@@ -1,0 +1,69 @@
+//! The many-peer simulator as a test. Fixed seeds by default so CI is reproducible; set
+//! `WEFT_SIM_SEED=<n>` to replay a run, or `WEFT_SIM_SEED=random` for a fresh one (its seed is
+//! printed, so a failure can be replayed).
+
+use ipam::sim::{run, Config, Report};
+
+fn seed_or(default: u64) -> u64 {
+    match std::env::var("WEFT_SIM_SEED").as_deref() {
+        Ok("random") => {
+            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+            t.map(|d| d.as_nanos() as u64).unwrap_or(default)
+        }
+        Ok(s) => s.parse().expect("WEFT_SIM_SEED is a number or 'random'"),
+        Err(_) => default,
+    }
+}
+
+fn print(label: &str, seed: u64, r: &Report) {
+    println!(
+        "{label}: seed={seed} rounds_to_converge={} total_rounds={} wall={:.2}s messages={} \
+         bytes={} largest_message={}B ring_entries={} space_requests={} reclaims={} allocations={}",
+        r.rounds_to_converge,
+        r.total_rounds,
+        r.wall.as_secs_f64(),
+        r.messages,
+        r.bytes,
+        r.largest_message,
+        r.ring_entries,
+        r.space_requests,
+        r.reclaims,
+        r.allocations
+    );
+}
+
+#[test]
+fn sim_1000_peers_converge_without_overlap() {
+    let seed = seed_or(2026);
+    let cfg = Config::new(seed, 1000);
+    let deletions = cfg.deletions as u64;
+    let report = run(cfg).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    print("sim 1000 peers", seed, &report);
+    assert_eq!(
+        report.reclaims, deletions,
+        "each deleted peer reclaimed exactly once"
+    );
+    assert_eq!(report.allocations, (1000 - deletions as usize) * 3);
+}
+
+#[test]
+fn sim_many_small_clusters() {
+    let base = seed_or(1);
+    for seed in base..base + 20 {
+        let mut cfg = Config::new(seed, 40);
+        cfg.join_batch = 5;
+        cfg.universe = "10.32.0.0/22".parse().unwrap();
+        let report = run(cfg).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        print("sim 40 peers", seed, &report);
+    }
+}
+
+#[test]
+fn sim_tiny_cluster() {
+    let mut cfg = Config::new(1, 8);
+    cfg.join_batch = 2;
+    cfg.universe = "10.32.0.0/24".parse().unwrap();
+    cfg.max_quiet_rounds = 20;
+    let report = run(cfg).unwrap_or_else(|e| panic!("{e}"));
+    print("tiny", 1, &report);
+}

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# weft's one test command. On a fresh Debian 12 machine (as root) it installs what it needs,
+# builds, and runs every test tier; CI runs exactly this (.ci/run).
+#
+#   bash tests/run.sh
+#
+# A tier that cannot run prints "SKIP <tier>: <why>" and fails the run (set WEFT_ALLOW_SKIP=1
+# to accept skips on a machine that lacks, say, root). Timings per tier are printed at the end.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+declare -a summary=()
+skips=0
+
+tier() { # tier <name> <command...>
+	local name=$1 start=$SECONDS
+	shift
+	printf '\n==> tier %s\n' "$name"
+	"$@"
+	summary+=("$(printf '%-28s ok   %4ss' "$name" $((SECONDS - start)))")
+}
+
+skip() { # skip <name> <why>
+	printf '\nSKIP %s: %s\n' "$1" "$2"
+	summary+=("$(printf '%-28s SKIP %s' "$1" "$2")")
+	skips=$((skips + 1))
+}
+
+ensure_packages() { # ensure_packages <deb>... — installs the missing ones
+	local missing=()
+	for p in "$@"; do
+		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+	done
+	[ ${#missing[@]} -eq 0 ] && return 0
+	echo "installing: ${missing[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+static_checks() {
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --release -- -D warnings
+	RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps --release --quiet
+}
+
+unit_tests() {
+	# Release: the property tests and the 1000-peer simulator are CPU-bound.
+	cargo test --workspace --release
+}
+
+tier static static_checks
+tier "unit+property+sim" unit_tests
+
+printf '\n==> summary\n'
+printf '%s\n' "${summary[@]}"
+if [ "$skips" -gt 0 ] && [ "${WEFT_ALLOW_SKIP:-0}" != 1 ]; then
+	echo "FAILED: $skips tier(s) skipped (WEFT_ALLOW_SKIP=1 to accept)"
+	exit 1
+fi
+echo "all tiers passed"
