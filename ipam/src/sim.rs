@@ -144,12 +144,7 @@ impl Sim {
     }
 
     /// Puts a message through its wire form, counting bytes for `copies` recipients.
-    fn wire(
-        &mut self,
-        from: usize,
-        msg: &Message,
-        copies: usize,
-    ) -> Result<Wire, SimError> {
+    fn wire(&mut self, from: usize, msg: &Message, copies: usize) -> Result<Wire, SimError> {
         let bytes = encode_message(self.peers[from].node.me(), msg);
         self.report.messages += copies as u64;
         self.report.bytes += (bytes.len() * copies) as u64;
