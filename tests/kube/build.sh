@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Build (once, cached outside the tree) a real kube-apiserver and etcd from Go
-# modules, for weft's integration tests.
+# Build (once, cached outside the tree) a real kube-apiserver, kubectl and etcd
+# from Go modules, for weft's integration tests (and humans poking at the lab).
 #
 #   bin=$(tests/kube/build.sh | tail -n1)
-#   "$bin/etcd" ...; "$bin/kube-apiserver" ...
+#   "$bin/etcd" ...; "$bin/kube-apiserver" ...; "$bin/kubectl" version
 #
 # Cache: ${WEFT_CACHE:-$HOME/.cache/weft}/kube/k8s-<K8S_VERSION>-etcd-<ETCD_VERSION>/
-#   bin/{kube-apiserver,etcd}, stamp (written last, marks a complete build),
-#   build-stats.txt (cold build wall time / memory per binary).
-# If the stamp and both binaries exist this only prints the bin dir. Otherwise
-# it builds into a temp dir next to it and renames it into place, under a lock.
+#   bin/{kube-apiserver,kubectl,etcd}, stamp (written last, marks a complete
+#   build), build-stats.txt (cold build wall time / memory per binary).
+# If the stamp and all binaries exist this only prints the bin dir. Otherwise
+# it builds all of them into a temp dir next to it and renames it into place,
+# under a lock (Go's build cache makes rebuilding the unchanged ones quick).
+# kubectl is built from the apiserver/ wrapper module (`tool` directive there).
 #
 # Only the last line of stdout is meaningful (the bin dir); progress -> stderr.
 #
@@ -39,7 +41,7 @@ log() { echo "kube/build.sh: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 is_complete() {
-	[[ -f $1/stamp && -x $1/bin/kube-apiserver && -x $1/bin/etcd ]]
+	[[ -f $1/stamp && -x $1/bin/kube-apiserver && -x $1/bin/kubectl && -x $1/bin/etcd ]]
 }
 
 # ---- warm path: no go invocation at all -------------------------------------
@@ -163,18 +165,20 @@ measure() {
 	return "$rc"
 }
 
-# Regenerate a wrapper go.mod if it does not pin the wanted version.
-ensure_gomod() { # <dir> <module> <version> <gen-target>
+# Regenerate a wrapper go.mod if it does not pin the wanted version (or lacks
+# an exact line the current gen-gomod.sh writes, e.g. a `tool` directive).
+ensure_gomod() { # <dir> <module> <version> <gen-target> [required go.mod line]
 	local dir=$here/$1 have
 	have=$(sed -n "s#^\(require \)\{0,1\}[[:space:]]*$2 \(v[^ ]*\).*#\2#p" "$dir/go.mod" 2>/dev/null | head -n1)
 	if [[ ${WEFT_KUBE_REGEN:-0} == 1 || $have != "$3" || ! -s $dir/go.sum ]] ||
-		! grep -q "^// Regenerate: tests/kube/gen-gomod.sh $4 $3\$" "$dir/go.mod"; then
-		log "$1/go.mod pins $2 '${have:-none}', want $3: regenerating"
+		! grep -q "^// Regenerate: tests/kube/gen-gomod.sh $4 $3\$" "$dir/go.mod" ||
+		{ [[ -n ${5-} ]] && ! grep -qxF "$5" "$dir/go.mod"; }; then
+		log "$1/go.mod out of date (pins $2 '${have:-none}', want $3${5:+, with '$5'}): regenerating"
 		"$here/gen-gomod.sh" "$4" "$3"
 	fi
 }
 
-ensure_gomod apiserver k8s.io/kubernetes "$K8S_VERSION" apiserver
+ensure_gomod apiserver k8s.io/kubernetes "$K8S_VERSION" apiserver "tool k8s.io/kubernetes/cmd/kubectl"
 ensure_gomod etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION" etcd
 
 # Version info normally injected by k8s's hack/lib/version.sh. buildDate is
@@ -190,23 +194,33 @@ for pkg in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
 done
 etcd_ldflags="-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=gomodule-$ETCD_VERSION"
 
-build_one() { # <label> <dir> <out> <ldflags>
-	local label=$1 dir=$here/$2 out=$3 ldflags=$4
-	log "$label: downloading modules (go mod download)"
-	(cd "$dir" && measure "$label.download" go mod download) ||
-		die "$label: go mod download failed"
-	log "$label: go build (cold builds take a while; ~$(nproc) cores)"
+download_mods() { # <label> <dir>
+	log "$1: downloading modules (go mod download)"
+	(cd "$here/$2" && measure "$1.download" go mod download) ||
+		die "$1: go mod download failed"
+}
+
+build_one() { # <label> <dir> <out> <ldflags> [package, default: the dir's main]
+	local label=$1 dir=$here/$2 out=$3 ldflags=$4 pkg=${5:-.}
+	log "$label: go build $pkg (cold builds take a while; ~$(nproc) cores)"
 	(cd "$dir" && measure "$label" "${nice_cmd[@]}" go build -mod=readonly -trimpath -buildvcs=false \
-		-ldflags="$ldflags" -o "$out" .) ||
+		-ldflags="$ldflags" -o "$out" "$pkg") ||
 		die "$label: go build failed (if it mentions go.sum/go.mod, rerun with WEFT_KUBE_REGEN=1)"
 	echo "$label.binary_bytes=$(stat -c %s "$out")" >>"$stats"
 }
 
+download_mods etcd etcd
 build_one etcd etcd "$tmp/bin/etcd" "$etcd_ldflags"
+download_mods kube-apiserver apiserver # also covers kubectl (same module)
 build_one kube-apiserver apiserver "$tmp/bin/kube-apiserver" "$k8s_ldflags"
+build_one kubectl apiserver "$tmp/bin/kubectl" "$k8s_ldflags" k8s.io/kubernetes/cmd/kubectl
 
 "$tmp/bin/etcd" --version >&2 || die "built etcd does not run"
 "$tmp/bin/kube-apiserver" --version >&2 || die "built kube-apiserver does not run"
+kubectl_version=$("$tmp/bin/kubectl" version --client 2>&1) || die "built kubectl does not run: $kubectl_version"
+echo "$kubectl_version" >&2
+grep -qx "Client Version: $K8S_VERSION" <<<"$kubectl_version" ||
+	die "built kubectl does not report Client Version $K8S_VERSION"
 
 rm -f "$tmp"/time-*.txt "$tmp"/peak-*
 {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Generate go.mod (and go.sum, via `go mod tidy`) for the wrapper modules that
-# build kube-apiserver and etcd from Go modules.
+# build kube-apiserver, kubectl and etcd from Go modules.
 #
 #   tests/kube/gen-gomod.sh apiserver <k8s-version>    e.g. v1.36.3
 #   tests/kube/gen-gomod.sh etcd      <etcd-version>   e.g. v3.6.16
@@ -10,7 +10,9 @@
 # replace directives are ignored when k8s.io/kubernetes is a dependency, so the
 # wrapper must replace each of them with the published module at the matching
 # version (k8s v1.Y.Z <-> staging v0.Y.Z). The list is read from that exact
-# version's go.mod, so bumping the version regenerates it.
+# version's go.mod, so bumping the version regenerates it. kubectl is built
+# from the same module as `go build k8s.io/kubernetes/cmd/kubectl`; a `tool`
+# directive (Go >= 1.24) makes `go mod tidy` keep go.sum complete for it.
 #
 # etcd: go.etcd.io/etcd/server/v3 requires its sibling modules at the same
 # version, so no replace is needed; we pin all go.etcd.io/etcd/* modules to the
@@ -86,6 +88,8 @@ apiserver)
 		go_lines "$gomod"
 		echo
 		echo "require k8s.io/kubernetes $version"
+		echo
+		echo "tool k8s.io/kubernetes/cmd/kubectl"
 		echo
 		echo "replace ("
 		echo "$replaces"

@@ -1,0 +1,175 @@
+//! Kube tier: a real kube-apiserver + etcd (built from Go modules, started by the harness on
+//! loopback) answers kube-rs: Nodes, a CRD with a watch, RBAC denying a router identity, and
+//! `kubectl version`. Needs root only for nothing; needs the Go toolchain on a cold cache.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ListParams, ObjectMeta, PostParams};
+use kube::runtime::{conditions, wait::await_condition, watcher, WatchStreamExt};
+use kube::{CustomResource, CustomResourceExt, ResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use weft_tests::kube_env::KubeEnv;
+
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, JsonSchema)]
+#[kube(group = "test.weft.dev", version = "v1", kind = "Widget", namespaced)]
+struct WidgetSpec {
+    size: u32,
+}
+
+/// Stops the control plane even when an assertion fails.
+struct Down(PathBuf);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        if let Err(e) = KubeEnv::down(&self.0) {
+            eprintln!("cleanup: {e:#}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_api_server_answers_nodes_crds_watches_and_rbac() {
+    let dir = std::env::temp_dir().join(format!("weft-test-kube-{}", std::process::id()));
+    let _down = Down(dir.clone());
+    let env = KubeEnv::up(&dir, &["node1".to_string()])
+        .await
+        .expect("kube up");
+    println!(
+        "kube-apiserver + etcd warm start: {:.2}s",
+        env.startup.as_secs_f64()
+    );
+    let admin = env.client("admin").await.unwrap();
+
+    // Nodes: none at first (no kubelet); the lab creates them with their addresses.
+    let nodes: Api<Node> = Api::all(admin.clone());
+    assert!(nodes
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+    let node = Node {
+        metadata: ObjectMeta {
+            name: Some("node1".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    nodes.create(&PostParams::default(), &node).await.unwrap();
+    let status = NodeStatus {
+        addresses: Some(vec![NodeAddress {
+            type_: "InternalIP".into(),
+            address: "10.99.0.11".into(),
+        }]),
+        ..Default::default()
+    };
+    let patch = serde_json::json!({"status": status});
+    nodes
+        .patch_status(
+            "node1",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(patch),
+        )
+        .await
+        .unwrap();
+    let got = nodes.get("node1").await.unwrap();
+    let addrs = got.status.unwrap().addresses.unwrap();
+    assert_eq!(addrs[0].address, "10.99.0.11");
+
+    // A CRD: install, wait until established, watch, see a create arrive.
+    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    crds.create(&PostParams::default(), &Widget::crd())
+        .await
+        .unwrap();
+    let established = await_condition(
+        crds,
+        "widgets.test.weft.dev",
+        conditions::is_crd_established(),
+    );
+    tokio::time::timeout(Duration::from_secs(30), established)
+        .await
+        .unwrap()
+        .unwrap();
+    let widgets: Api<Widget> = Api::namespaced(admin.clone(), "default");
+    let mut seen = watcher(widgets.clone(), watcher::Config::default())
+        .applied_objects()
+        .boxed();
+    widgets
+        .create(
+            &PostParams::default(),
+            &Widget::new("w1", WidgetSpec { size: 3 }),
+        )
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(20), seen.try_next())
+        .await
+        .expect("watch event within 20 s")
+        .unwrap()
+        .expect("stream open");
+    assert_eq!(first.name_any(), "w1");
+    assert_eq!(first.spec.size, 3);
+    // Schema validation is the server's: a wrong type is refused.
+    let bad = serde_json::json!({"apiVersion": "test.weft.dev/v1", "kind": "Widget",
+        "metadata": {"name": "bad"}, "spec": {"size": "big"}});
+    let raw: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        admin.clone(),
+        "default",
+        &kube::api::ApiResource::erase::<Widget>(&()),
+    );
+    let refused = raw
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(bad).unwrap(),
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(kube::Error::Api(ref e)) if e.code == 422),
+        "{refused:?}"
+    );
+
+    // RBAC: a router identity with no role is denied; admin is not.
+    let router = env.client("node1").await.unwrap();
+    for result in [
+        Api::<Secret>::all(router.clone())
+            .list(&ListParams::default())
+            .await
+            .map(|_| ()),
+        Api::<Node>::all(router.clone())
+            .list(&ListParams::default())
+            .await
+            .map(|_| ()),
+    ] {
+        match result {
+            Err(kube::Error::Api(e)) => {
+                assert_eq!(e.code, 403, "{e:?}");
+                assert!(e.message.contains("weft-router:node1"), "{}", e.message);
+            }
+            other => panic!("router identity was not denied: {other:?}"),
+        }
+    }
+    Api::<Secret>::all(admin.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+
+    // kubectl, as a human would use the printed KUBECONFIG.
+    let bin = weft_tests::kube_env::binaries().unwrap();
+    let out = std::process::Command::new(bin.join("kubectl"))
+        .arg("version")
+        .env("KUBECONFIG", &env.admin_kubeconfig)
+        .output()
+        .expect("running kubectl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("Server Version: v1.36"), "{text}");
+}
