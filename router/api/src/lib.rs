@@ -1,0 +1,124 @@
+//! The node API: what the `weft` CNI plugin and `weftctl` ask the node's `weft-router`.
+//!
+//! HTTP/1.1 with JSON bodies on a unix socket (default [`DEFAULT_SOCKET`]), so that
+//! `curl --unix-socket /run/weft/weft.sock http://weft/v1/status` works. Kept free of any HTTP
+//! or async dependency: the CNI binary runs on every pod's start and must start fast; it speaks
+//! the protocol with [`client`], a blocking one-request-per-connection client.
+//!
+//! | method | path | body | answer |
+//! | --- | --- | --- | --- |
+//! | POST | [`PATH_ALLOCATE`] | [`AllocateRequest`] | [`Allocation`] |
+//! | POST | [`PATH_RELEASE`] | [`Attachment`] | [`Released`] |
+//! | POST | [`PATH_GC`] | [`GcRequest`] | [`GcResult`] |
+//! | GET | [`PATH_LOOKUP`]`?container_id=..&ifname=..` | — | [`Allocation`] or 404 |
+//! | GET | [`PATH_STATUS`] | — | [`Status`] |
+//! | GET | [`PATH_HEALTH`] | — | [`Health`] (503 when not ready) |
+//!
+//! Errors: a non-2xx status with an [`ApiError`] body.
+
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+pub mod client;
+
+pub const DEFAULT_SOCKET: &str = "/run/weft/weft.sock";
+pub const PATH_ALLOCATE: &str = "/v1/allocate";
+pub const PATH_RELEASE: &str = "/v1/release";
+pub const PATH_GC: &str = "/v1/gc";
+pub const PATH_LOOKUP: &str = "/v1/allocation";
+pub const PATH_STATUS: &str = "/v1/status";
+pub const PATH_HEALTH: &str = "/healthz";
+
+/// One pod interface, as CNI identifies it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Attachment {
+    pub container_id: String,
+    pub ifname: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocateRequest {
+    #[serde(flatten)]
+    pub attachment: Attachment,
+    /// The pod's network namespace path, for the router's records and logs.
+    #[serde(default)]
+    pub netns: String,
+}
+
+/// Everything the plugin needs to wire a pod: its address, the bridge to attach it to and how to
+/// route. Allocation is idempotent: asking again for the same attachment gives the same answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    pub ip: Ipv4Addr,
+    /// The pod's prefix length: 32. Pods reach everything through the gateway; the node routes.
+    pub prefix: u8,
+    pub gateway: Ipv4Addr,
+    pub bridge: String,
+    pub mtu: u32,
+    /// The pod address universe: routed via the gateway like everything else.
+    pub universe: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Released {
+    pub ip: Option<Ipv4Addr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcRequest {
+    /// Every attachment still in use; the router releases all other pod allocations.
+    pub valid: Vec<Attachment>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcResult {
+    pub released: Vec<(Attachment, Ipv4Addr)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub ready: bool,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodAddress {
+    pub container_id: String,
+    pub ifname: String,
+    pub ip: Ipv4Addr,
+}
+
+/// What `weftctl status` shows for one node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub node: String,
+    pub ready: bool,
+    pub universe: String,
+    pub bridge: String,
+    pub gateway: Option<Ipv4Addr>,
+    pub mtu: u32,
+    /// The ranges this node owns, as CIDRs.
+    pub owned: Vec<String>,
+    pub free: u64,
+    pub seed: Option<String>,
+    pub ring_entries: usize,
+    pub ring_peers: Vec<RingPeer>,
+    pub pods: Vec<PodAddress>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingPeer {
+    pub name: String,
+    pub cidrs: Vec<String>,
+    pub free: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+    /// The router could not serve this now (not seeded yet, no free space while asking peers):
+    /// worth retrying later. CNI maps it to error 11.
+    #[serde(default)]
+    pub retry: bool,
+}
