@@ -451,6 +451,16 @@ impl Ring {
             .collect()
     }
 
+    /// Every peer owning at least one entry, in order of first appearance on the ring.
+    pub fn peers_in_order(&self) -> Vec<PeerName> {
+        let mut seen = std::collections::HashSet::new();
+        self.entries
+            .iter()
+            .filter(|e| seen.insert(&e.peer))
+            .map(|e| e.peer.clone())
+            .collect()
+    }
+
     /// Total free addresses per peer, as last reported by each owner.
     pub fn free_by_peer(&self) -> BTreeMap<PeerName, u64> {
         let mut out = BTreeMap::new();

@@ -1,0 +1,325 @@
+//! The ring actor: the only owner of the node's IPAM state. Requests arrive as messages and are
+//! handled one at a time — no locks — and every change is on disk before its answer leaves.
+
+use std::net::Ipv4Addr;
+
+use ipam::{AllocKey, Node};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+use weft_node_api::{
+    AllocateRequest, Allocation, ApiError, Attachment, GcRequest, GcResult, Health, PodAddress,
+    Released, RingPeer, Status,
+};
+
+use crate::config::Config;
+use crate::net::Net;
+use crate::store::Store;
+
+/// A refusal, with the HTTP status the node API answers with.
+#[derive(Debug)]
+pub struct Failure {
+    pub status: u16,
+    pub error: ApiError,
+}
+
+impl Failure {
+    fn retry(msg: String) -> Self {
+        Failure {
+            status: 503,
+            error: ApiError {
+                error: msg,
+                retry: true,
+            },
+        }
+    }
+
+    fn internal(msg: String) -> Self {
+        Failure {
+            status: 500,
+            error: ApiError {
+                error: msg,
+                retry: false,
+            },
+        }
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, Failure>>;
+
+#[derive(Debug)]
+enum Request {
+    Allocate(AllocateRequest, Reply<Allocation>),
+    Release(Attachment, Reply<Released>),
+    Gc(GcRequest, Reply<GcResult>),
+    Lookup(Attachment, Reply<Option<Allocation>>),
+    Status(oneshot::Sender<Status>),
+    Health(oneshot::Sender<Health>),
+}
+
+/// The gateway's key in the node's space: reserved, never garbage-collected.
+pub fn gateway_key() -> AllocKey {
+    AllocKey::Reserved("gateway".into())
+}
+
+fn key(a: &Attachment) -> AllocKey {
+    AllocKey::pod(&a.container_id, &a.ifname)
+}
+
+struct Actor {
+    cfg: Config,
+    node: Node,
+    store: Store,
+    net: Net,
+}
+
+impl Actor {
+    fn gateway(&self) -> Option<Ipv4Addr> {
+        self.node.space().lookup(&gateway_key())
+    }
+
+    fn allocation(&self, ip: Ipv4Addr) -> Result<Allocation, Failure> {
+        let gateway = self
+            .gateway()
+            .ok_or_else(|| Failure::retry("node has no gateway yet".into()))?;
+        Ok(Allocation {
+            ip,
+            prefix: 32,
+            gateway,
+            bridge: self.cfg.bridge.clone(),
+            mtu: self.cfg.mtu,
+            universe: self.cfg.universe.to_string(),
+        })
+    }
+
+    fn persist(&self) -> Result<(), Failure> {
+        self.store
+            .save(&self.node)
+            .map_err(|e| Failure::internal(format!("saving state: {e}")))
+    }
+
+    fn allocate(&mut self, req: AllocateRequest) -> Result<Allocation, Failure> {
+        let k = key(&req.attachment);
+        if let Some(ip) = self.node.space().lookup(&k) {
+            return self.allocation(ip);
+        }
+        match self.node.allocate(k.clone()) {
+            Ok(ip) => {
+                if let Err(e) = self.persist() {
+                    self.node.release(&k);
+                    return Err(e);
+                }
+                info!(container = %req.attachment.container_id, ifname = %req.attachment.ifname, netns = %req.netns, %ip, "allocated");
+                self.allocation(ip)
+            }
+            Err(ipam::Error::NoSpace(_)) => Err(Failure::retry(format!(
+                "node {} has no free address in {:?}; asking peers for space",
+                self.cfg.node,
+                self.node
+                    .owned_cidrs()
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+            ))),
+            Err(ipam::Error::NotSeeded) => {
+                Err(Failure::retry("the IPAM ring is not seeded yet".into()))
+            }
+            Err(e) => Err(Failure::internal(format!("allocating for {k}: {e}"))),
+        }
+    }
+
+    fn release(&mut self, a: Attachment) -> Result<Released, Failure> {
+        let ip = self.node.release(&key(&a));
+        if let Some(ip) = ip {
+            self.persist()?;
+            info!(container = %a.container_id, ifname = %a.ifname, %ip, "released");
+        }
+        Ok(Released { ip })
+    }
+
+    fn gc(&mut self, req: GcRequest) -> Result<GcResult, Failure> {
+        let valid: std::collections::HashSet<AllocKey> = req.valid.iter().map(key).collect();
+        let gone = self.node.gc(|k| valid.contains(k));
+        if !gone.is_empty() {
+            self.persist()?;
+        }
+        let released = gone
+            .into_iter()
+            .filter_map(|(k, ip)| match k {
+                AllocKey::Pod {
+                    container_id,
+                    ifname,
+                } => {
+                    info!(%container_id, %ifname, %ip, "released by GC");
+                    Some((
+                        Attachment {
+                            container_id,
+                            ifname,
+                        },
+                        ip,
+                    ))
+                }
+                AllocKey::Reserved(_) => None,
+            })
+            .collect();
+        Ok(GcResult { released })
+    }
+
+    fn health(&self) -> Health {
+        let (ready, reason) = if !self.node.ring().is_seeded() {
+            (
+                false,
+                "waiting for the IPAM ring (not seeded, no peer has sent it)".to_string(),
+            )
+        } else if self.gateway().is_none() {
+            (
+                false,
+                "no address space for the bridge gateway yet".to_string(),
+            )
+        } else {
+            (true, "ok".to_string())
+        };
+        Health { ready, reason }
+    }
+
+    fn status(&self) -> Status {
+        let ring = self.node.ring();
+        let free = ring.free_by_peer();
+        let ring_peers = ring
+            .peers_in_order()
+            .into_iter()
+            .map(|p| RingPeer {
+                cidrs: ring.owned_cidrs(&p).iter().map(|c| c.to_string()).collect(),
+                // Our own count is live; the others are as last gossiped.
+                free: if &p == self.node.me() {
+                    self.node.free()
+                } else {
+                    free.get(&p).copied().unwrap_or(0)
+                },
+                name: p.to_string(),
+            })
+            .collect();
+        let pods = self
+            .node
+            .space()
+            .allocations()
+            .filter_map(|(ip, k)| match k {
+                AllocKey::Pod {
+                    container_id,
+                    ifname,
+                } => Some(PodAddress {
+                    container_id: container_id.clone(),
+                    ifname: ifname.clone(),
+                    ip,
+                }),
+                AllocKey::Reserved(_) => None,
+            })
+            .collect();
+        Status {
+            node: self.cfg.node.clone(),
+            ready: self.health().ready,
+            universe: self.cfg.universe.to_string(),
+            bridge: self.cfg.bridge.clone(),
+            gateway: self.gateway(),
+            mtu: self.cfg.mtu,
+            owned: self
+                .node
+                .owned_cidrs()
+                .iter()
+                .map(|c| c.to_string())
+                .collect(),
+            free: self.node.free(),
+            seed: ring.seed().map(|s| s.to_string()),
+            ring_entries: ring.entries().len(),
+            ring_peers,
+            pods,
+        }
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        while let Some(req) = rx.recv().await {
+            match req {
+                Request::Allocate(r, tx) => drop(tx.send(self.allocate(r))),
+                Request::Release(a, tx) => drop(tx.send(self.release(a))),
+                Request::Gc(r, tx) => drop(tx.send(self.gc(r))),
+                Request::Lookup(a, tx) => {
+                    let found = self.node.space().lookup(&key(&a));
+                    drop(tx.send(found.map(|ip| self.allocation(ip)).transpose()));
+                }
+                Request::Status(tx) => drop(tx.send(self.status())),
+                Request::Health(tx) => drop(tx.send(self.health())),
+            }
+        }
+        if let Err(e) = self.net.close().await {
+            warn!("closing netlink: {e}");
+        }
+    }
+}
+
+/// The actor's mailbox. Cheap to clone; every call waits for the actor's answer.
+#[derive(Clone, Debug)]
+pub struct Handle {
+    tx: mpsc::Sender<Request>,
+}
+
+fn gone<T>() -> Result<T, Failure> {
+    Err(Failure::internal("the ring actor has stopped".into()))
+}
+
+impl Handle {
+    /// Starts the actor on the current runtime.
+    pub fn spawn(cfg: Config, node: Node, store: Store, net: Net) -> Handle {
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(
+            Actor {
+                cfg,
+                node,
+                store,
+                net,
+            }
+            .run(rx),
+        );
+        Handle { tx }
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, Failure> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(make(tx)).await.is_err() {
+            return gone();
+        }
+        rx.await.unwrap_or_else(|_| gone())
+    }
+
+    pub async fn allocate(&self, r: AllocateRequest) -> Result<Allocation, Failure> {
+        self.ask(|tx| Request::Allocate(r, tx)).await
+    }
+
+    pub async fn release(&self, a: Attachment) -> Result<Released, Failure> {
+        self.ask(|tx| Request::Release(a, tx)).await
+    }
+
+    pub async fn gc(&self, r: GcRequest) -> Result<GcResult, Failure> {
+        self.ask(|tx| Request::Gc(r, tx)).await
+    }
+
+    pub async fn lookup(&self, a: Attachment) -> Result<Option<Allocation>, Failure> {
+        self.ask(|tx| Request::Lookup(a, tx)).await
+    }
+
+    pub async fn status(&self) -> Result<Status, Failure> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Status(tx))
+            .await
+            .map_err(|_| gone::<()>().unwrap_err())?;
+        rx.await.map_err(|_| gone::<()>().unwrap_err())
+    }
+
+    pub async fn health(&self) -> Result<Health, Failure> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Health(tx))
+            .await
+            .map_err(|_| gone::<()>().unwrap_err())?;
+        rx.await.map_err(|_| gone::<()>().unwrap_err())
+    }
+}

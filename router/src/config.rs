@@ -1,0 +1,25 @@
+//! The router's validated configuration: everything parsed and checked before any side effect.
+
+use std::path::PathBuf;
+
+use ipam::Cidr;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This node's name: the Kubernetes Node name, and its peer name in the ring.
+    pub node: String,
+    /// Where the router keeps its ring, allocations (and, with the mesh, its key).
+    pub state_dir: PathBuf,
+    /// The node API's unix socket.
+    pub socket: PathBuf,
+    /// The pod address universe shared by every node.
+    pub universe: Cidr,
+    /// The node bridge pods attach to.
+    pub bridge: String,
+    /// MTU for the bridge and pods.
+    pub mtu: u32,
+    /// The directory peer store (shared folder), where seeding is decided atomically.
+    pub peers_dir: PathBuf,
+    /// Masquerade pod traffic leaving the universe.
+    pub snat: bool,
+}

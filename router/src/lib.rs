@@ -1,0 +1,13 @@
+//! weft-router: one per node. Owns the node's share of the IPAM ring (a single-threaded actor,
+//! [`actor`]), persists it ([`store`]), keeps the node bridge and its routes ([`net`]), and serves
+//! the node API on a unix socket ([`server`]) for the CNI plugin and `weftctl`.
+
+pub mod actor;
+pub mod config;
+mod error;
+pub mod net;
+pub mod seed;
+pub mod server;
+pub mod store;
+
+pub use error::{Error, Result};

@@ -1,0 +1,224 @@
+//! The node's data plane for pods: the bridge with the gateway address, routes for the node's
+//! own ranges on it, IPv4 forwarding and SNAT for pod traffic leaving the universe.
+//!
+//! Idempotent throughout: a restarted router finds the bridge and routes its predecessor left
+//! (pods keep working while it restarts) and only corrects what differs.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt;
+use ipam::Cidr;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope,
+};
+use rtnetlink::{LinkBridge, LinkUnspec, RouteMessageBuilder};
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::config::Config;
+use crate::{Error, Result};
+
+/// Routes weft installs carry this protocol number, so it can find (and remove) its own.
+pub const ROUTE_PROTOCOL: u8 = 0x57; // 'W'
+
+#[derive(Debug)]
+pub struct Net {
+    handle: rtnetlink::Handle,
+    connection: JoinHandle<()>,
+    bridge: String,
+    bridge_index: u32,
+    gateway: Ipv4Addr,
+}
+
+fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Netlink { what, source }
+}
+
+async fn link_by_name(handle: &rtnetlink::Handle, name: &str) -> Result<Option<LinkMessage>> {
+    match handle
+        .link()
+        .get()
+        .match_name(name.to_string())
+        .execute()
+        .try_next()
+        .await
+    {
+        Ok(link) => Ok(link),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -19 => Ok(None), // ENODEV
+        Err(e) => Err(nl(format!("looking up link {name}"))(e)),
+    }
+}
+
+impl Net {
+    /// Creates (or adopts) the bridge with `gateway`/32 and the MTU, brings it up, turns on
+    /// forwarding and SNAT, and installs routes for `owned`.
+    pub async fn setup(cfg: &Config, gateway: Ipv4Addr, owned: &[Cidr]) -> Result<Net> {
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| Error::Net {
+            what: "opening netlink".into(),
+            reason: e.to_string(),
+        })?;
+        let connection = tokio::spawn(connection);
+        let bridge = cfg.bridge.clone();
+        let link = match link_by_name(&handle, &bridge).await? {
+            Some(link) => link,
+            None => {
+                handle
+                    .link()
+                    .add(LinkBridge::new(&bridge).mtu(cfg.mtu).build())
+                    .execute()
+                    .await
+                    .map_err(nl(format!("creating bridge {bridge}")))?;
+                info!(%bridge, "created bridge");
+                link_by_name(&handle, &bridge)
+                    .await?
+                    .ok_or_else(|| Error::Net {
+                        what: format!("bridge {bridge}"),
+                        reason: "missing right after creation".into(),
+                    })?
+            }
+        };
+        let index = link.header.index;
+        if link
+            .attributes
+            .iter()
+            .any(|a| matches!(a, LinkAttribute::Mtu(m) if *m != cfg.mtu))
+        {
+            info!(%bridge, mtu = cfg.mtu, "setting bridge MTU");
+        }
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(cfg.mtu).up().build())
+            .execute()
+            .await
+            .map_err(nl(format!("setting {bridge} up, MTU {}", cfg.mtu)))?;
+        handle
+            .address()
+            .add(index, IpAddr::V4(gateway), 32)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl(format!("adding gateway {gateway}/32 to {bridge}")))?;
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|e| Error::Net {
+            what: "enabling IPv4 forwarding (/proc/sys/net/ipv4/ip_forward)".into(),
+            reason: e.to_string(),
+        })?;
+        if cfg.snat {
+            snat(cfg.universe)?;
+        }
+        let mut net = Net {
+            handle,
+            connection,
+            bridge,
+            bridge_index: index,
+            gateway,
+        };
+        net.sync_routes(owned).await?;
+        Ok(net)
+    }
+
+    fn route(&self, c: &Cidr) -> RouteMessage {
+        RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(c.addr(), c.prefix())
+            .output_interface(self.bridge_index)
+            .scope(RouteScope::Link)
+            .pref_source(self.gateway)
+            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+            .build()
+    }
+
+    /// Makes the routes on the bridge exactly `owned`: adds what is missing, removes weft routes
+    /// for ranges this node no longer owns (it granted them to a peer).
+    pub async fn sync_routes(&mut self, owned: &[Cidr]) -> Result<()> {
+        let want: BTreeSet<(Ipv4Addr, u8)> = owned.iter().map(|c| (c.addr(), c.prefix())).collect();
+        let mut have = Vec::new();
+        let mut routes = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        while let Some(r) = routes.try_next().await.map_err(nl("listing routes"))? {
+            let ours = r.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)
+                && r.attributes
+                    .iter()
+                    .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == self.bridge_index));
+            let dst = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(d)) => Some(*d),
+                _ => None,
+            });
+            if let (true, Some(dst)) = (ours, dst) {
+                have.push(((dst, r.header.destination_prefix_length), r));
+            }
+        }
+        for ((dst, len), r) in have.iter().filter(|(k, _)| !want.contains(k)) {
+            self.handle
+                .route()
+                .del(r.clone())
+                .execute()
+                .await
+                .map_err(nl(format!("removing route {dst}/{len}")))?;
+            info!(route = %format!("{dst}/{len}"), bridge = %self.bridge, "removed route");
+        }
+        let present: BTreeSet<(Ipv4Addr, u8)> = have.iter().map(|(k, _)| *k).collect();
+        for c in owned
+            .iter()
+            .filter(|c| !present.contains(&(c.addr(), c.prefix())))
+        {
+            self.handle
+                .route()
+                .add(self.route(c))
+                .replace()
+                .execute()
+                .await
+                .map_err(nl(format!("adding route {c} dev {}", self.bridge)))?;
+            info!(route = %c, bridge = %self.bridge, "added route");
+        }
+        Ok(())
+    }
+
+    pub async fn close(self) -> Result<()> {
+        self.connection.abort();
+        Ok(())
+    }
+}
+
+/// Masquerade pod traffic leaving the universe, in a table of weft's own (replaced whole, so
+/// a universe change never leaves a stale rule).
+fn snat(universe: Cidr) -> Result<()> {
+    use std::io::Write;
+    let script = format!(
+        "table ip weft {{}}\ndelete table ip weft\ntable ip weft {{\n  chain postrouting {{\n    \
+         type nat hook postrouting priority srcnat; policy accept;\n    \
+         ip saddr {universe} ip daddr != {universe} masquerade\n  }}\n}}\n"
+    );
+    let fail = |reason: String| Error::Net {
+        what: format!("installing SNAT for {universe} (nft)"),
+        reason,
+    };
+    let mut child = std::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            fail(format!(
+                "running nft: {e} (install nftables, or run with --no-snat)"
+            ))
+        })?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(script.as_bytes())
+        .map_err(|e| fail(e.to_string()))?;
+    let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
+    if !out.status.success() {
+        return Err(fail(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    info!(%universe, "SNAT for traffic leaving the universe installed (nft table ip weft)");
+    Ok(())
+}
