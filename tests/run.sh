@@ -61,12 +61,32 @@ kube_tier() {
 	cargo test --release -p weft-tests --test kube -- --nocapture
 }
 
+node_tier() {
+	# One simulated node: real weft-router, real weft CNI binary, pods in namespaces.
+	ensure_packages iproute2 iputils-ping nftables
+	cargo build --release --bins
+	cargo test --release -p weft-tests --test node
+}
+
+cni_bench() {
+	ensure_packages containernetworking-plugins
+	WEFT_LAB_DIR=/run/weft-lab-ci target/release/weft-lab --prefix wci bench cni --pods 50
+}
+
 tier static static_checks
 tier "unit+property+sim" unit_tests
 if ! command -v go >/dev/null; then
 	skip kube "no Go toolchain to build kube-apiserver and etcd (install Go >= 1.26)"
 else
 	tier kube kube_tier
+fi
+
+if [ "$(id -u)" != 0 ]; then
+	skip node "needs root (network namespaces, veth, bridges)"
+	skip "bench cni" "needs root"
+else
+	tier node node_tier
+	tier "bench cni" cni_bench
 fi
 
 printf '\n==> summary\n'

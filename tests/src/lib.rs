@@ -1,6 +1,9 @@
 //! weft's test harness: a real Kubernetes API server for tests ([`kube_env`]), and the pieces
 //! `weft-lab` is made of. Everything it starts stays on loopback or in namespaces it creates.
 
+pub mod bench_cni;
 pub mod kube_env;
+pub mod lab;
+pub mod netns;
 mod pki;
-mod procs;
+pub mod procs;

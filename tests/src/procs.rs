@@ -2,8 +2,7 @@
 //! stops them): started in their own process group with output to a log file, tracked by pid
 //! files that name the binary so a recycled pid is never killed.
 
-use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -12,10 +11,24 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 /// Starts `cmd` detached, logging to `log`; records `<pid> <binary path>` in `pidfile`.
-pub fn spawn(mut cmd: Command, log: &Path, pidfile: &Path) -> Result<u32> {
+pub fn spawn(cmd: Command, log: &Path, pidfile: &Path) -> Result<u32> {
+    let program = PathBuf::from(cmd.get_program());
+    spawn_as(cmd, &program, log, pidfile)
+}
+
+/// Like [`spawn`], for a command that execs into `exe` (e.g. `ip netns exec <ns> <exe> ...`,
+/// which keeps its pid): `exe` is what the pid file records and `stop` checks.
+pub fn spawn_as(mut cmd: Command, exe: &Path, log: &Path, pidfile: &Path) -> Result<u32> {
     use std::os::unix::process::CommandExt;
-    let program = cmd.get_program().to_string_lossy().into_owned();
-    let out = File::create(log).with_context(|| format!("creating log {}", log.display()))?;
+    let program = std::fs::canonicalize(exe)
+        .unwrap_or_else(|_| exe.to_path_buf())
+        .to_string_lossy()
+        .into_owned();
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening log {}", log.display()))?;
     let err = out.try_clone().context("duplicating the log handle")?;
     let child = cmd
         .stdin(Stdio::null())
@@ -23,7 +36,7 @@ pub fn spawn(mut cmd: Command, log: &Path, pidfile: &Path) -> Result<u32> {
         .stderr(err)
         .process_group(0)
         .spawn()
-        .with_context(|| format!("starting {program}"))?;
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
     std::fs::write(pidfile, format!("{} {program}\n", child.id()))
         .with_context(|| format!("writing {}", pidfile.display()))?;
     Ok(child.id())

@@ -1,11 +1,12 @@
-//! weft-lab: simulated weft nodes on one machine. So far: the real Kubernetes API server the lab's
-//! nodes use (`weft-lab kube up|down|status`).
+//! weft-lab: simulated weft nodes on one machine, in network namespaces (`up`, `status`,
+//! `down`), and the real Kubernetes API server the lab's nodes use (`kube up|down|status`).
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use weft_tests::kube_env::KubeEnv;
+use weft_tests::lab::Lab;
 
 #[derive(Parser)]
 #[command(
@@ -21,15 +22,55 @@ struct Cli {
         global = true
     )]
     dir: PathBuf,
+    /// Prefix of every network namespace the lab creates.
+    #[arg(long, env = "WEFT_LAB_PREFIX", default_value = "wlab", global = true)]
+    prefix: String,
     #[command(subcommand)]
     command: Top,
 }
 
 #[derive(Subcommand)]
 enum Top {
+    /// Create N nodes (namespaces on a shared switch), a weft-router in each, M pods per node.
+    Up {
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        #[arg(long, default_value_t = 2)]
+        pods_per_node: usize,
+    },
+    /// Nodes, their sockets and CNI files, and pods with their addresses.
+    Status {
+        #[arg(short, long, value_parser = ["json", "text"], default_value = "text")]
+        output: String,
+    },
+    /// Remove everything `up` created (also after a crash).
+    Down,
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+    /// (internal) the timing loop of `bench cni`, run inside a node namespace.
+    #[command(hide = true)]
+    BenchDriver {
+        #[arg(long)]
+        plugin: PathBuf,
+        #[arg(long)]
+        conf: PathBuf,
+        #[arg(long)]
+        cni_path: PathBuf,
+        pods: Vec<String>,
+    },
     /// The lab's Kubernetes API server (etcd + kube-apiserver on loopback, RBAC on).
     #[command(subcommand)]
     Kube(KubeCmd),
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// ADD/CHECK/DEL latency of weft vs Debian's bridge + host-local, p50 and p99.
+    Cni {
+        #[arg(long, default_value_t = 50)]
+        pods: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -50,7 +91,50 @@ enum KubeCmd {
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     let kube_dir = cli.dir.join("kube");
+    let lab_dir = cli.dir.join("lab");
     match cli.command {
+        Top::Up {
+            nodes,
+            pods_per_node,
+        } => {
+            let lab = Lab::up(&lab_dir, &cli.prefix, nodes, pods_per_node)?;
+            print_lab(&lab);
+        }
+        Top::Status { output } => {
+            let lab = Lab::load(&lab_dir)?;
+            if output == "json" {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({"nodes": lab.nodes}))?
+                );
+            } else {
+                print_lab(&lab);
+            }
+        }
+        Top::Bench(BenchCmd::Cni { pods }) => {
+            let bench_dir = cli.dir.join("bench");
+            let (weft, reference) =
+                weft_tests::bench_cni::bench(&bench_dir, &format!("{}b", cli.prefix), pods)?;
+            weft_tests::bench_cni::print(pods, &weft, &reference);
+        }
+        Top::BenchDriver {
+            plugin,
+            conf,
+            cni_path,
+            pods,
+        } => {
+            let conf: serde_json::Value = serde_json::from_slice(&std::fs::read(&conf)?)?;
+            let samples = weft_tests::bench_cni::driver(&plugin, &conf, &cni_path, &pods)?;
+            println!("{}", serde_json::to_string(&samples)?);
+        }
+        Top::Down => {
+            Lab::down(&lab_dir, &cli.prefix)?;
+            eprintln!(
+                "lab removed ({} and namespaces {}-*)",
+                lab_dir.display(),
+                cli.prefix
+            );
+        }
         Top::Kube(KubeCmd::Up { nodes }) => {
             let env = KubeEnv::up(&kube_dir, &nodes).await?;
             eprintln!(
@@ -80,4 +164,24 @@ async fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_lab(lab: &Lab) {
+    for n in &lab.nodes {
+        println!(
+            "{}  netns {}  underlay {}  api {}",
+            n.name,
+            n.netns,
+            n.underlay_ip,
+            n.node_api_socket.display()
+        );
+        println!(
+            "  cni: {} (plugins in {})",
+            n.cni_conf.display(),
+            n.cni_bin_dir.display()
+        );
+        for p in &n.pods {
+            println!("  pod {:<8} {:<16} netns {}", p.name, p.ip, p.netns);
+        }
+    }
 }

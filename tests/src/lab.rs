@@ -1,0 +1,387 @@
+//! The lab: simulated weft nodes in network namespaces on one machine.
+//!
+//! ```text
+//!   <prefix>-sw          switch namespace: bridge sw0, the underlay 10.99.0.0/24
+//!   <prefix>-node1       node namespace: eth0 10.99.0.11 on the switch, weft-router, bridge weft-br
+//!   <prefix>-node1-pod1  pod namespaces, wired by the weft CNI plugin run inside the node namespace
+//! ```
+//! State (`lab.json`, per-node state dirs, sockets, CNI dirs, logs) lives under the lab dir.
+//! `down` — and every `up`, first — removes all of it, even after a crash.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::{netns, procs};
+
+pub const UNIVERSE: &str = "10.32.0.0/12";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Pod {
+    pub name: String,
+    pub netns: String,
+    pub ip: String,
+    pub container_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabNode {
+    pub name: String,
+    pub netns: String,
+    pub underlay_ip: String,
+    /// The WireGuard interface, once the mesh exists.
+    pub wg_interface: Option<String>,
+    pub node_api_socket: PathBuf,
+    pub cni_bin_dir: PathBuf,
+    pub cni_conf: PathBuf,
+    pub state_dir: PathBuf,
+    pub pods: Vec<Pod>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Lab {
+    pub dir: PathBuf,
+    pub prefix: String,
+    pub nodes: Vec<LabNode>,
+}
+
+/// Where weft's binaries are: next to the running executable (cargo puts every bin of the
+/// workspace in one target dir), or `WEFT_BIN_DIR`.
+pub fn bin_dir() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("WEFT_BIN_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    let exe = std::env::current_exe().context("locating the running executable")?;
+    let mut dir = exe
+        .parent()
+        .context("executable has no directory")?
+        .to_path_buf();
+    // Test executables live in target/<profile>/deps.
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    Ok(dir)
+}
+
+fn binary(name: &str) -> Result<PathBuf> {
+    let p = bin_dir()?.join(name);
+    if !p.exists() {
+        bail!(
+            "{} not built: run `cargo build --release --bins` (or set WEFT_BIN_DIR)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+impl Lab {
+    fn state_file(dir: &Path) -> PathBuf {
+        dir.join("lab.json")
+    }
+
+    pub fn load(dir: &Path) -> Result<Lab> {
+        let text = std::fs::read_to_string(Self::state_file(dir))
+            .with_context(|| format!("no lab in {} (run `weft-lab up`)", dir.display()))?;
+        serde_json::from_str(&text).context("parsing lab.json")
+    }
+
+    fn save(&self) -> Result<()> {
+        let json = serde_json::to_string_pretty(self)?;
+        std::fs::write(Self::state_file(&self.dir), json).context("writing lab.json")
+    }
+
+    /// Builds the switch and `nodes` nodes with a router each, then `pods_per_node` pods each.
+    pub fn up(dir: &Path, prefix: &str, nodes: usize, pods_per_node: usize) -> Result<Lab> {
+        Self::down(dir, prefix)?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let (router, cni) = (binary("weft-router")?, binary("weft")?);
+        let sw = format!("{prefix}-sw");
+        netns::add(&sw)?;
+        netns::ip(&["-n", &sw, "link", "add", "sw0", "type", "bridge"])?;
+        netns::ip(&["-n", &sw, "link", "set", "sw0", "up"])?;
+        let mut lab = Lab {
+            dir: dir.to_path_buf(),
+            prefix: prefix.into(),
+            nodes: Vec::new(),
+        };
+        for i in 1..=nodes {
+            let node = lab.add_node(i, &router, &cni)?;
+            lab.nodes.push(node);
+            lab.save()?;
+        }
+        for n in 0..lab.nodes.len() {
+            lab.wait_ready(n, Duration::from_secs(20))?;
+        }
+        for n in 0..lab.nodes.len() {
+            for p in 1..=pods_per_node {
+                lab.add_pod(n, &format!("pod{p}"))?;
+            }
+        }
+        Ok(lab)
+    }
+
+    fn add_node(&self, i: usize, router: &Path, cni: &Path) -> Result<LabNode> {
+        let name = format!("node{i}");
+        let ns = format!("{}-{name}", self.prefix);
+        let sw = format!("{}-sw", self.prefix);
+        let underlay_ip = format!("10.99.0.{}", 10 + i);
+        netns::add(&ns)?;
+        // The switch end keeps the node's name; the node end becomes eth0 in the node.
+        netns::ip(&[
+            "-n", &sw, "link", "add", &name, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])?;
+        netns::ip(&["-n", &sw, "link", "set", &name, "master", "sw0", "up"])?;
+        netns::ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{underlay_ip}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        netns::ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+
+        let home = self.dir.join(&name);
+        let (state_dir, cni_bin_dir, conf_dir) = (
+            home.join("state"),
+            home.join("cni/bin"),
+            home.join("cni/net.d"),
+        );
+        for d in [&state_dir, &cni_bin_dir, &conf_dir] {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        let socket = home.join("weft.sock");
+        std::fs::copy(cni, cni_bin_dir.join("weft")).context("installing the CNI binary")?;
+        let cni_conf = conf_dir.join("10-weft.conflist");
+        let conflist = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "weft",
+            "plugins": [{"type": "weft", "socket": socket}],
+        });
+        std::fs::write(&cni_conf, serde_json::to_string_pretty(&conflist)?)?;
+
+        let node = LabNode {
+            name,
+            netns: ns,
+            underlay_ip,
+            wg_interface: None,
+            node_api_socket: socket,
+            cni_bin_dir,
+            cni_conf,
+            state_dir,
+            pods: Vec::new(),
+        };
+        self.spawn_router(&node, router)?;
+        Ok(node)
+    }
+
+    fn spawn_router(&self, node: &LabNode, router: &Path) -> Result<()> {
+        let home = self.dir.join(&node.name);
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &node.netns])
+            .arg(router)
+            .args(["--node", &node.name, "--universe", UNIVERSE])
+            .arg("--state-dir")
+            .arg(&node.state_dir)
+            .arg("--socket")
+            .arg(&node.node_api_socket)
+            .arg("--peers-dir")
+            .arg(self.dir.join("peers"))
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1");
+        // Appending keeps the logs of earlier runs (restarts) for post-mortems.
+        let log = home.join("router.log");
+        procs::spawn_as(cmd, router, &log, &home.join("router.pid"))?;
+        Ok(())
+    }
+
+    /// Stops node `n`'s router (SIGTERM); its bridge, routes and pods stay.
+    pub fn stop_router(&self, n: usize) -> Result<()> {
+        procs::stop(
+            &self.dir.join(&self.nodes[n].name).join("router.pid"),
+            Duration::from_secs(5),
+        )
+    }
+
+    /// Starts node `n`'s router again and waits until it is ready.
+    pub fn start_router(&self, n: usize) -> Result<()> {
+        self.spawn_router(&self.nodes[n], &binary("weft-router")?)?;
+        self.wait_ready(n, Duration::from_secs(20))
+    }
+
+    /// Waits until node `n`'s router answers healthy.
+    pub fn wait_ready(&self, n: usize, timeout: Duration) -> Result<()> {
+        let node = &self.nodes[n];
+        let deadline = Instant::now() + timeout;
+        loop {
+            let health: Result<weft_node_api::Health, _> = weft_node_api::client::call(
+                &node.node_api_socket,
+                "GET",
+                weft_node_api::PATH_HEALTH,
+                None::<&()>,
+                Duration::from_secs(2),
+            );
+            match health {
+                Ok(h) if h.ready => return Ok(()),
+                other if Instant::now() > deadline => {
+                    let log = std::fs::read_to_string(self.dir.join(&node.name).join("router.log"))
+                        .unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(10).collect();
+                    bail!(
+                        "router of {} not ready after {timeout:?} ({other:?}); log tail:\n{}",
+                        node.name,
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
+                }
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// The conflist's single plugin config, as the runtime hands it to the plugin.
+    pub fn plugin_config(&self, n: usize) -> Result<serde_json::Value> {
+        let text = std::fs::read_to_string(&self.nodes[n].cni_conf)?;
+        let list: serde_json::Value = serde_json::from_str(&text)?;
+        let mut conf = list["plugins"][0].clone();
+        conf["cniVersion"] = list["cniVersion"].clone();
+        conf["name"] = list["name"].clone();
+        Ok(conf)
+    }
+
+    /// Runs the node's CNI binary inside the node namespace, as a runtime on that node would.
+    pub fn cni(
+        &self,
+        n: usize,
+        command: &str,
+        container_id: &str,
+        netns_path: &str,
+        ifname: &str,
+        stdin: &[u8],
+    ) -> Result<CniOutput> {
+        let node = &self.nodes[n];
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &node.netns])
+            .arg(node.cni_bin_dir.join("weft"))
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container_id)
+            .env("CNI_NETNS", netns_path)
+            .env("CNI_IFNAME", ifname)
+            .env("CNI_PATH", &node.cni_bin_dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running the weft CNI plugin")?;
+        child.stdin.take().context("stdin")?.write_all(stdin)?;
+        let out = child.wait_with_output()?;
+        Ok(CniOutput {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// Creates pod `name` on node `n`: its namespace, then CNI ADD.
+    pub fn add_pod(&mut self, n: usize, name: &str) -> Result<Pod> {
+        let ns = format!("{}-{}", self.nodes[n].netns, name);
+        netns::add(&ns)?;
+        let container_id = format!("{}-{name}", self.nodes[n].name);
+        let conf = serde_json::to_vec(&self.plugin_config(n)?)?;
+        let out = self.cni(
+            n,
+            "ADD",
+            &container_id,
+            &format!("/run/netns/{ns}"),
+            "eth0",
+            &conf,
+        )?;
+        if !out.ok {
+            netns::delete(&ns)?;
+            bail!(
+                "CNI ADD for {name} on {}: {}{}",
+                self.nodes[n].name,
+                out.stdout,
+                out.stderr
+            );
+        }
+        let result: serde_json::Value =
+            serde_json::from_str(&out.stdout).context("parsing the ADD result")?;
+        let ip = result["ips"][0]["address"]
+            .as_str()
+            .context("ADD result has no ips[0].address")?;
+        let pod = Pod {
+            name: name.into(),
+            netns: ns,
+            ip: ip.split('/').next().unwrap_or(ip).into(),
+            container_id,
+        };
+        self.nodes[n].pods.push(pod.clone());
+        self.save()?;
+        Ok(pod)
+    }
+
+    /// Stops every router, removes every namespace with the lab's prefix and the lab dir.
+    /// Keeps going after a failure and reports them all.
+    pub fn down(dir: &Path, prefix: &str) -> Result<()> {
+        let mut errors = Vec::new();
+        // Release the pods' addresses properly while the routers still run.
+        if let Ok(lab) = Self::load(dir) {
+            for (n, node) in lab.nodes.iter().enumerate() {
+                let Ok(conf) = lab
+                    .plugin_config(n)
+                    .and_then(|c| Ok(serde_json::to_vec(&c)?))
+                else {
+                    continue;
+                };
+                for pod in &node.pods {
+                    let netns = format!("/run/netns/{}", pod.netns);
+                    match lab.cni(n, "DEL", &pod.container_id, &netns, "eth0", &conf) {
+                        Ok(out) if out.ok => {}
+                        Ok(out) => {
+                            errors.push(format!("DEL {}: {}{}", pod.name, out.stdout, out.stderr))
+                        }
+                        Err(e) => errors.push(format!("DEL {}: {e:#}", pod.name)),
+                    }
+                }
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let pidfile = e.path().join("router.pid");
+                if let Err(e) = procs::stop(&pidfile, Duration::from_secs(5)) {
+                    errors.push(format!("{e:#}"));
+                }
+            }
+        }
+        let mut names = netns::list(&format!("{prefix}-"));
+        names.sort_by_key(|n| std::cmp::Reverse(n.len())); // pods, then nodes, then the switch
+        for ns in names {
+            if let Err(e) = netns::delete(&ns) {
+                errors.push(format!("{e:#}"));
+            }
+        }
+        if dir.exists() {
+            if let Err(e) = std::fs::remove_dir_all(dir) {
+                errors.push(format!("removing {}: {e}", dir.display()));
+            }
+        }
+        if !errors.is_empty() {
+            bail!("lab cleanup: {}", errors.join("; "));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CniOutput {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}

@@ -1,0 +1,69 @@
+//! Network namespaces and links for the lab, through iproute2 (the lab is a test tool: clarity
+//! over speed; weft itself uses netlink). Every name is prefixed so a sweep finds leftovers.
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// Runs `ip <args>`; fails with its stderr.
+pub fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Runs `ip netns exec <ns> <cmd...>` and returns stdout; fails with stderr.
+pub fn exec(ns: &str, cmd: &[&str]) -> Result<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(cmd)
+        .output()
+        .with_context(|| format!("running {} in netns {ns}", cmd.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "{} in netns {ns}: {}{}",
+            cmd.join(" "),
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn add(ns: &str) -> Result<()> {
+    ip(&["netns", "add", ns])?;
+    ip(&["-n", ns, "link", "set", "lo", "up"])
+}
+
+pub fn exists(ns: &str) -> bool {
+    std::path::Path::new("/run/netns").join(ns).exists()
+}
+
+/// Deletes `ns` if it exists (its veths go with it).
+pub fn delete(ns: &str) -> Result<()> {
+    if exists(ns) {
+        ip(&["netns", "del", ns])?;
+    }
+    Ok(())
+}
+
+/// Every namespace whose name starts with `prefix`.
+pub fn list(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
