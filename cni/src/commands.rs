@@ -112,13 +112,17 @@ fn undo(conf: &NetConf, a: &Attachment, host: &str, mut err: CniError) -> CniErr
 fn del(conf: &NetConf, env: &Env) -> Result<()> {
     let ifname = env.ifname.as_str();
     let host = veth::host_name(&env.container_id, ifname);
+    // The kernel takes ~20 ms to unregister a veth: release the address meanwhile.
+    let (socket, attachment) = (conf.socket.clone(), env.attachment());
+    let release = std::thread::spawn(move || router::release(&socket, &attachment));
     let mut errors = Vec::new();
+    let mut pair_gone = false;
     if let Some(path) = &env.netns {
         match NetNs::open_if_exists(path) {
             Ok(Some(ns)) => {
                 let r = ns.run(|| nl::run(|h| async move { nl::delete_link(&h, ifname).await }));
                 match r {
-                    Ok(_) => {}
+                    Ok(deleted) => pair_gone = deleted,
                     // A netns we cannot enter any more: the host end below removes the pair.
                     Err(e) if e.code == spec::NETNS_FAILURE => eprintln!("weft: DEL: {e}"),
                     Err(e) => errors.push(e),
@@ -128,11 +132,20 @@ fn del(conf: &NetConf, env: &Env) -> Result<()> {
             Err(e) => eprintln!("weft: DEL: {e}"),
         }
     }
-    if let Err(e) = nl::run(|h| async move { nl::delete_link(&h, &host).await }) {
-        errors.push(e);
+    // Deleting the pod end took the host end with it; otherwise (no netns, as containerd
+    // sends) remove the pair by its host end.
+    if !pair_gone {
+        if let Err(e) = nl::run(|h| async move { nl::delete_link(&h, &host).await }) {
+            errors.push(e);
+        }
     }
-    if let Err(e) = router::release(&conf.socket, &env.attachment()) {
-        errors.push(e);
+    match release.join() {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => errors.push(e),
+        Err(_) => errors.push(CniError::new(
+            spec::IO_FAILURE,
+            "the release thread panicked",
+        )),
     }
     combine(
         errors,

@@ -154,39 +154,42 @@ pub fn bench(dir: &Path, prefix: &str, pods: usize) -> Result<(Summary, Summary)
     let result = (|| -> Result<(Summary, Summary)> {
         let lab = Lab::up(dir, prefix, 1, 0)?;
         let node = &lab.nodes[0];
-        let weft_pods: Vec<String> = (0..pods).map(|i| format!("{}-b{i}", node.netns)).collect();
-        for p in &weft_pods {
-            netns::add(p)?;
-        }
-        let weft = run_driver(
-            &node.netns,
-            &node.cni_bin_dir.join("weft"),
-            &lab.plugin_config(0)?,
-            &node.cni_bin_dir,
-            &weft_pods,
-            dir,
-        )?;
-
+        let weft_conf = lab.plugin_config(0)?;
         let ref_ns = format!("{prefix}-ref");
         netns::add(&ref_ns)?;
-        let ref_pods: Vec<String> = (0..pods).map(|i| format!("{ref_ns}-b{i}")).collect();
-        for p in &ref_pods {
-            netns::add(p)?;
-        }
-        let conf = json!({
+        let ref_conf = json!({
             "cniVersion": "1.0.0", "name": "ref", "type": "bridge", "bridge": "refbr0",
             "isGateway": true, "hairpinMode": true, "mtu": 1420,
             "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.98.0.0/16"}]],
                      "dataDir": dir.join("host-local")}
         });
-        let reference = run_driver(
-            &ref_ns,
-            &reference_dir.join("bridge"),
-            &conf,
-            &reference_dir,
-            &ref_pods,
-            dir,
-        )?;
+        // Alternate rounds of 10 pods so both plugins see the same machine load.
+        let (mut weft, mut reference) = (Vec::new(), Vec::new());
+        for round in 0..pods.div_ceil(10) {
+            let ids: Vec<usize> = (round * 10..pods.min(round * 10 + 10)).collect();
+            let weft_pods: Vec<String> =
+                ids.iter().map(|i| format!("{}-b{i}", node.netns)).collect();
+            let ref_pods: Vec<String> = ids.iter().map(|i| format!("{ref_ns}-b{i}")).collect();
+            for p in weft_pods.iter().chain(&ref_pods) {
+                netns::add(p)?;
+            }
+            weft.extend(run_driver(
+                &node.netns,
+                &node.cni_bin_dir.join("weft"),
+                &weft_conf,
+                &node.cni_bin_dir,
+                &weft_pods,
+                dir,
+            )?);
+            reference.extend(run_driver(
+                &ref_ns,
+                &reference_dir.join("bridge"),
+                &ref_conf,
+                &reference_dir,
+                &ref_pods,
+                dir,
+            )?);
+        }
         Ok((summarize(&weft), summarize(&reference)))
     })();
     let cleanup = Lab::down(dir, prefix);
