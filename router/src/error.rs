@@ -18,6 +18,8 @@ pub enum Error {
         found: String,
         expected: String,
     },
+    #[error("key file {}: {reason}", path.display())]
+    Key { path: PathBuf, reason: String },
     #[error("seed file {}: {reason}", path.display())]
     Seed { path: PathBuf, reason: String },
     #[error("ipam: {0}")]

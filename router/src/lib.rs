@@ -5,6 +5,8 @@
 pub mod actor;
 pub mod config;
 mod error;
+pub mod keys;
+pub mod meshpeer;
 pub mod net;
 pub mod seed;
 pub mod server;

@@ -173,3 +173,82 @@ async fn kube_api_server_answers_nodes_crds_watches_and_rbac() {
     );
     assert!(text.contains("Server Version: v1.36"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshpeer_crd_installs_validates_and_takes_server_side_apply() {
+    use router::meshpeer::{Endpoint, EndpointKind, MeshPeer, MeshPeerSpec, MeshPeerStatus};
+    let dir = std::env::temp_dir().join(format!("weft-test-kube-mp-{}", std::process::id()));
+    let _down = Down(dir.clone());
+    let env = KubeEnv::up(&dir, &[]).await.expect("kube up");
+    let admin = env.client("admin").await.unwrap();
+    let bin = weft_tests::kube_env::binaries().unwrap();
+    let kubectl = |args: &[&str]| {
+        let out = std::process::Command::new(bin.join("kubectl"))
+            .args(args)
+            .env("KUBECONFIG", &env.admin_kubeconfig)
+            .output()
+            .expect("running kubectl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crds.yaml");
+    let (ok, out) = kubectl(&["apply", "-f", crds]);
+    assert!(ok, "{out}");
+    let (ok, out) = kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/meshpeers.weft.dev",
+        "--timeout=30s",
+    ]);
+    assert!(ok, "{out}");
+
+    let peers: Api<MeshPeer> = Api::all(admin.clone());
+    let spec = MeshPeerSpec {
+        public_key: "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=".into(),
+        endpoints: vec![Endpoint {
+            address: "10.99.0.11:51820".into(),
+            kind: EndpointKind::Internal,
+        }],
+        mesh_address: "fd77:6566:7400::1".into(),
+        location: None,
+        persistent_keepalive: None,
+    };
+    let pp = kube::api::PatchParams::apply("weft-router").force();
+    let mp = MeshPeer::new("node1", spec.clone());
+    peers
+        .patch("node1", &pp, &kube::api::Patch::Apply(&mp))
+        .await
+        .unwrap();
+    let status = serde_json::json!({"apiVersion": "weft.dev/v1alpha1", "kind": "MeshPeer",
+        "status": MeshPeerStatus { short_key: "xTIBA5rb".into(), ranges: vec!["10.32.0.0/13".into()], ..Default::default() }});
+    peers
+        .patch_status("node1", &pp, &kube::api::Patch::Apply(&status))
+        .await
+        .unwrap();
+    let (ok, out) = kubectl(&["get", "meshpeers"]);
+    println!("{out}");
+    assert!(
+        ok && out.contains("xTIBA5rb")
+            && out.contains("10.99.0.11:51820")
+            && out.contains("10.32.0.0/13"),
+        "{out}"
+    );
+
+    let bad = MeshPeer::new(
+        "node2",
+        MeshPeerSpec {
+            public_key: "not-a-key".into(),
+            ..spec
+        },
+    );
+    let refused = peers
+        .patch("node2", &pp, &kube::api::Patch::Apply(&bad))
+        .await;
+    assert!(
+        matches!(refused, Err(kube::Error::Api(ref e)) if e.code == 422),
+        "{refused:?}"
+    );
+}
