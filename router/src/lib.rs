@@ -8,6 +8,7 @@ mod error;
 pub mod keys;
 pub mod meshpeer;
 pub mod net;
+pub mod peers;
 pub mod plan;
 pub mod seed;
 pub mod server;

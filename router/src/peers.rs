@@ -1,0 +1,194 @@
+//! Where nodes find each other. `PeerStore` publishes this node's MeshPeer spec and delivers
+//! snapshots of all of them whenever one changes. Two stores: the Kubernetes API (MeshPeer
+//! objects, in a cluster) and [`DirStore`] (one JSON file per node in a shared folder: the lab's
+//! store, and what the unit tests use).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::meshpeer::MeshPeerSpec;
+use crate::plan::Node;
+use crate::{Error, Result};
+
+/// A store of MeshPeers.
+pub trait PeerStore: Send + Sync + 'static {
+    /// Publishes (creates or replaces) this node's spec.
+    fn publish(
+        &self,
+        name: &str,
+        spec: &MeshPeerSpec,
+    ) -> impl std::future::Future<Output = Result<()>> + Send;
+    /// Every node's spec, now, sorted by name.
+    fn snapshot(&self) -> impl std::future::Future<Output = Result<Vec<Node>>> + Send;
+    /// Removes a node's spec (reclaim of a deleted node).
+    fn remove(&self, name: &str) -> impl std::future::Future<Output = Result<()>> + Send;
+}
+
+/// One `<name>.json` per node in a folder, replaced atomically (write, rename).
+#[derive(Clone, Debug)]
+pub struct DirStore {
+    dir: PathBuf,
+}
+
+impl DirStore {
+    pub fn new(dir: &Path) -> Result<Self> {
+        let dir = dir.join("meshpeers");
+        std::fs::create_dir_all(&dir).map_err(Error::io("creating peer directory", &dir))?;
+        Ok(DirStore { dir })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.json"))
+    }
+
+    fn read_all(&self) -> Result<Vec<Node>> {
+        let mut nodes = BTreeMap::new();
+        let entries = std::fs::read_dir(&self.dir).map_err(Error::io("listing", &self.dir))?;
+        for e in entries.flatten() {
+            let path = e.path();
+            let Some(name) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".json"))
+            else {
+                continue;
+            };
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // removed meanwhile
+                Err(e) => return Err(Error::io("reading", &path)(e)),
+            };
+            match serde_json::from_str::<MeshPeerSpec>(&text) {
+                Ok(spec) => {
+                    nodes.insert(
+                        name.to_string(),
+                        Node {
+                            name: name.to_string(),
+                            spec,
+                        },
+                    );
+                }
+                Err(e) => warn!(path = %path.display(), "ignoring unreadable MeshPeer file: {e}"),
+            }
+        }
+        Ok(nodes.into_values().collect())
+    }
+
+    /// Polls the folder every `period` and sends a new snapshot when it differs.
+    pub fn watch(&self, period: Duration) -> watch::Receiver<Vec<Node>> {
+        let (tx, rx) = watch::channel(self.read_all().unwrap_or_default());
+        let store = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                match store.read_all() {
+                    Ok(now) => {
+                        tx.send_if_modified(|old| {
+                            let changed = *old != now;
+                            if changed {
+                                *old = now;
+                            }
+                            changed
+                        });
+                    }
+                    Err(e) => warn!("reading peers: {e}"),
+                }
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+}
+
+impl PeerStore for DirStore {
+    async fn publish(&self, name: &str, spec: &MeshPeerSpec) -> Result<()> {
+        let path = self.path(name);
+        let tmp = self.dir.join(format!(".{name}.json.tmp"));
+        let body = serde_json::to_vec_pretty(spec).expect("spec serializes");
+        std::fs::write(&tmp, body).map_err(Error::io("writing", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(Error::io("publishing", &path))
+    }
+
+    async fn snapshot(&self) -> Result<Vec<Node>> {
+        self.read_all()
+    }
+
+    async fn remove(&self, name: &str) -> Result<()> {
+        match std::fs::remove_file(self.path(name)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("removing", self.path(name))(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meshpeer::{Endpoint, EndpointKind};
+
+    fn spec(key: &str) -> MeshPeerSpec {
+        MeshPeerSpec {
+            public_key: key.into(),
+            endpoints: vec![Endpoint {
+                address: "10.99.0.11:51820".into(),
+                kind: EndpointKind::Internal,
+            }],
+            mesh_address: "fd77:6566:7400::1".into(),
+            location: None,
+            persistent_keepalive: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn publish_snapshot_watch_remove() {
+        let dir = std::env::temp_dir().join(format!("weft-dirstore-{}", std::process::id()));
+        let store = DirStore::new(&dir).unwrap();
+        store.publish("b", &spec("kb")).await.unwrap();
+        store.publish("a", &spec("ka")).await.unwrap();
+        let names: Vec<String> = store
+            .snapshot()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|n| n.name)
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+        let mut rx = store.watch(Duration::from_millis(20));
+        store.publish("a", &spec("ka2")).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(2), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            rx.borrow()
+                .iter()
+                .find(|n| n.name == "a")
+                .unwrap()
+                .spec
+                .public_key,
+            "ka2"
+        );
+        store.remove("b").await.unwrap();
+        store.remove("b").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(2), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rx.borrow().len(), 1);
+        std::fs::write(dir.join("meshpeers/junk.json"), "{").unwrap();
+        assert_eq!(
+            store.snapshot().await.unwrap().len(),
+            1,
+            "an unreadable file is skipped"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
