@@ -29,6 +29,8 @@ pub enum Error {
         what: String,
         source: rtnetlink::Error,
     },
+    #[error("Kubernetes API, {what}: {reason}")]
+    Kube { what: String, reason: String },
     #[error("{what}: {reason}")]
     Net { what: String, reason: String },
 }

@@ -6,6 +6,7 @@ pub mod actor;
 pub mod config;
 mod error;
 pub mod keys;
+pub mod kube_store;
 pub mod meshpeer;
 pub mod net;
 pub mod peers;

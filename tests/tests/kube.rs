@@ -252,3 +252,123 @@ async fn meshpeer_crd_installs_validates_and_takes_server_side_apply() {
         "{refused:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_peer_store_works_for_a_router_with_weft_rbac_only() {
+    use router::kube_store::KubeStore;
+    use router::meshpeer::{Endpoint, EndpointKind, MeshPeerSpec};
+    use router::peers::PeerStore;
+    let dir = std::env::temp_dir().join(format!("weft-test-kube-store-{}", std::process::id()));
+    let _down = Down(dir.clone());
+    let env = KubeEnv::up(&dir, &["node1".to_string(), "node2".to_string()])
+        .await
+        .expect("kube up");
+    let bin = weft_tests::kube_env::binaries().unwrap();
+    let kubectl = |args: &[&str]| {
+        let out = std::process::Command::new(bin.join("kubectl"))
+            .args(args)
+            .env("KUBECONFIG", &env.admin_kubeconfig)
+            .output()
+            .expect("running kubectl");
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
+    kubectl(&["apply", "-f", &format!("{deploy}/crds.yaml")]);
+    kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/meshpeers.weft.dev",
+        "--timeout=30s",
+    ]);
+    let store1 = KubeStore::new(env.client("node1").await.unwrap());
+    let spec = |key: &str, ip: &str| MeshPeerSpec {
+        public_key: key.into(),
+        endpoints: vec![Endpoint {
+            address: format!("{ip}:51820"),
+            kind: EndpointKind::Internal,
+        }],
+        mesh_address: "fd77:6566:7400::1".into(),
+        location: None,
+        persistent_keepalive: None,
+    };
+    let k1 = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+    let k2 = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+    let denied = store1.publish("node1", &spec(k1, "10.99.0.11")).await;
+    assert!(
+        format!("{denied:?}").contains("forbidden"),
+        "without RBAC: {denied:?}"
+    );
+
+    // weft's ClusterRole, bound (as in the lab) to the routers' group.
+    kubectl(&["apply", "-f", &format!("{deploy}/rbac.yaml")]);
+    kubectl(&[
+        "create",
+        "clusterrolebinding",
+        "weft-lab-routers",
+        "--clusterrole=weft-router",
+        "--group=weft:routers",
+    ]);
+    let store2 = KubeStore::new(env.client("node2").await.unwrap());
+    let mut rx = store2.watch();
+    // RBAC propagates through the authorizer cache: retry briefly.
+    let mut published = Err(router::Error::Net {
+        what: "".into(),
+        reason: "not tried".into(),
+    });
+    for _ in 0..50 {
+        published = store1.publish("node1", &spec(k1, "10.99.0.11")).await;
+        if published.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    published.unwrap();
+    store2
+        .publish("node2", &spec(k2, "10.99.0.12"))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while rx.borrow().len() < 2 {
+        tokio::time::timeout_at(deadline, rx.changed())
+            .await
+            .expect("watch sees both peers")
+            .unwrap();
+    }
+    let names: Vec<String> = store1
+        .snapshot()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| n.name)
+        .collect();
+    assert_eq!(names, ["node1", "node2"]);
+    store2
+        .publish("node2", &spec(k2, "10.99.0.22"))
+        .await
+        .unwrap();
+    loop {
+        let seen = rx
+            .borrow()
+            .iter()
+            .any(|n| n.spec.endpoints[0].address == "10.99.0.22:51820");
+        if seen {
+            break;
+        }
+        tokio::time::timeout_at(deadline, rx.changed())
+            .await
+            .expect("watch sees the update")
+            .unwrap();
+    }
+    // Routers may not touch what weft doesn't need.
+    let secrets = Api::<Secret>::all(env.client("node1").await.unwrap())
+        .list(&ListParams::default())
+        .await;
+    assert!(
+        matches!(secrets, Err(kube::Error::Api(ref e)) if e.code == 403),
+        "{secrets:?}"
+    );
+}

@@ -1,0 +1,130 @@
+//! The Kubernetes peer store: MeshPeer objects, written by each router for itself with
+//! server-side apply (field manager `weft-router`), watched with a kube-runtime reflector.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::{reflector, watcher, WatchStreamExt};
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::meshpeer::{MeshPeer, MeshPeerSpec};
+use crate::peers::PeerStore;
+use crate::plan::Node;
+use crate::{Error, Result};
+
+pub const FIELD_MANAGER: &str = "weft-router";
+
+#[derive(Clone)]
+pub struct KubeStore {
+    api: Api<MeshPeer>,
+}
+
+impl std::fmt::Debug for KubeStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KubeStore")
+    }
+}
+
+fn kube_err(what: String) -> impl FnOnce(kube::Error) -> Error {
+    move |e| Error::Kube {
+        what,
+        reason: e.to_string(),
+    }
+}
+
+fn to_nodes(mut peers: Vec<MeshPeer>) -> Vec<Node> {
+    peers.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    peers
+        .into_iter()
+        .filter_map(|p| {
+            Some(Node {
+                name: p.metadata.name?,
+                spec: p.spec,
+            })
+        })
+        .collect()
+}
+
+impl KubeStore {
+    pub fn new(client: kube::Client) -> Self {
+        KubeStore {
+            api: Api::all(client),
+        }
+    }
+
+    /// A reflector over all MeshPeers; sends a new snapshot whenever the set changes.
+    pub fn watch(&self) -> watch::Receiver<Vec<Node>> {
+        let (tx, rx) = watch::channel(Vec::new());
+        let (reader, writer) = reflector::store::<MeshPeer>();
+        let stream = reflector(
+            writer,
+            watcher(self.api.clone(), watcher::Config::default()),
+        )
+        .default_backoff()
+        .touched_objects();
+        tokio::spawn(async move {
+            futures::pin_mut!(stream);
+            while let Some(event) = stream.next().await {
+                if let Err(e) = event {
+                    warn!("watching MeshPeers: {e}");
+                    continue;
+                }
+                let now = to_nodes(reader.state().iter().map(|p| (**p).clone()).collect());
+                tx.send_if_modified(|old| {
+                    let changed = *old != now;
+                    if changed {
+                        *old = now;
+                    }
+                    changed
+                });
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+
+    /// Waits until the API server answers (or `timeout` passes).
+    pub async fn reachable(&self, timeout: Duration) -> Result<()> {
+        tokio::time::timeout(timeout, self.api.list(&ListParams::default().limit(1)))
+            .await
+            .map_err(|_| Error::Kube {
+                what: "listing MeshPeers".into(),
+                reason: format!("no answer in {timeout:?}"),
+            })?
+            .map(|_| ())
+            .map_err(kube_err("listing MeshPeers".into()))
+    }
+}
+
+impl PeerStore for KubeStore {
+    async fn publish(&self, name: &str, spec: &MeshPeerSpec) -> Result<()> {
+        let obj = MeshPeer::new(name, spec.clone());
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        self.api
+            .patch(name, &pp, &Patch::Apply(&obj))
+            .await
+            .map_err(kube_err(format!("applying MeshPeer {name}")))?;
+        Ok(())
+    }
+
+    async fn snapshot(&self) -> Result<Vec<Node>> {
+        let list = self
+            .api
+            .list(&ListParams::default())
+            .await
+            .map_err(kube_err("listing MeshPeers".into()))?;
+        Ok(to_nodes(list.items))
+    }
+
+    async fn remove(&self, name: &str) -> Result<()> {
+        match self.api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(e) => Err(kube_err(format!("deleting MeshPeer {name}"))(e)),
+        }
+    }
+}
