@@ -68,6 +68,13 @@ node_tier() {
 	cargo test --release -p weft-tests --test node
 }
 
+runtimes_tier() {
+	# Real runtimes: the harness first proves it catches broken plugins (selftest), then podman
+	# 4.3 (CNI backend) and containerd 1.6 (ctr run --cni) run containers on weft.
+	bash tests/runtimes/selftest.sh
+	bash tests/runtimes/weft.sh
+}
+
 cni_bench() {
 	ensure_packages containernetworking-plugins
 	WEFT_LAB_DIR=/run/weft-lab-ci target/release/weft-lab --prefix wci bench cni --pods 50
@@ -83,9 +90,11 @@ fi
 
 if [ "$(id -u)" != 0 ]; then
 	skip node "needs root (network namespaces, veth, bridges)"
+	skip runtimes "needs root"
 	skip "bench cni" "needs root"
 else
 	tier node node_tier
+	tier runtimes runtimes_tier
 	tier "bench cni" cni_bench
 fi
 

@@ -30,7 +30,7 @@ fi
 # Debian's podman package starts nothing here (no systemd), and the harness starts its own
 # containerd; a system containerd, if any, is left alone.
 
-cache=${WEFT_CACHE:-$HOME/.cache/weft}
+cache=${WEFT_CACHE:-${HOME:-/root}/.cache/weft}
 rootfs=$cache/rootfs-busybox
 stamp="busybox $(sha256sum /bin/busybox | cut -d' ' -f1) layout 1"
 if [ -f "$rootfs/.weft-rootfs" ] && [ "$(cat "$rootfs/.weft-rootfs")" = "$stamp" ]; then
