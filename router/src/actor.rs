@@ -52,8 +52,8 @@ enum Request {
     Release(Attachment, Reply<Released>),
     Gc(GcRequest, Reply<GcResult>),
     Lookup(Attachment, Reply<Option<Allocation>>),
-    Status(oneshot::Sender<Status>),
-    Health(oneshot::Sender<Health>),
+    Status(Reply<Status>),
+    Health(Reply<Health>),
 }
 
 /// The gateway's key in the node's space: reserved, never garbage-collected.
@@ -245,8 +245,8 @@ impl Actor {
                     let found = self.node.space().lookup(&key(&a));
                     drop(tx.send(found.map(|ip| self.allocation(ip)).transpose()));
                 }
-                Request::Status(tx) => drop(tx.send(self.status())),
-                Request::Health(tx) => drop(tx.send(self.health())),
+                Request::Status(tx) => drop(tx.send(Ok(self.status()))),
+                Request::Health(tx) => drop(tx.send(Ok(self.health()))),
             }
         }
         if let Err(e) = self.net.close().await {
@@ -306,20 +306,10 @@ impl Handle {
     }
 
     pub async fn status(&self) -> Result<Status, Failure> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Request::Status(tx))
-            .await
-            .map_err(|_| gone::<()>().unwrap_err())?;
-        rx.await.map_err(|_| gone::<()>().unwrap_err())
+        self.ask(Request::Status).await
     }
 
     pub async fn health(&self) -> Result<Health, Failure> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Request::Health(tx))
-            .await
-            .map_err(|_| gone::<()>().unwrap_err())?;
-        rx.await.map_err(|_| gone::<()>().unwrap_err())
+        self.ask(Request::Health).await
     }
 }

@@ -250,6 +250,18 @@ impl KubeEnv {
         kube::Client::try_from(config).context("building a kube client")
     }
 
+    /// Runs the cached kubectl as admin; returns whether it succeeded and its output.
+    pub fn kubectl(&self, args: &[&str]) -> Result<(bool, String)> {
+        let out = Command::new(binaries()?.join("kubectl"))
+            .args(args)
+            .env("KUBECONFIG", &self.admin_kubeconfig)
+            .output()
+            .context("running kubectl")?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        Ok((out.status.success(), text))
+    }
+
     /// Stops whatever runs from `dir` and removes it. Safe to call when nothing is there.
     pub fn down(dir: &Path) -> Result<()> {
         let mut errors = Vec::new();

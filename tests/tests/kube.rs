@@ -158,19 +158,9 @@ async fn kube_api_server_answers_nodes_crds_watches_and_rbac() {
         .unwrap();
 
     // kubectl, as a human would use the printed KUBECONFIG.
-    let bin = weft_tests::kube_env::binaries().unwrap();
-    let out = std::process::Command::new(bin.join("kubectl"))
-        .arg("version")
-        .env("KUBECONFIG", &env.admin_kubeconfig)
-        .output()
-        .expect("running kubectl");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let (ok, text) = env.kubectl(&["version"]).unwrap();
     println!("{text}");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(ok, "{text}");
     assert!(text.contains("Server Version: v1.36"), "{text}");
 }
 
@@ -181,19 +171,7 @@ async fn meshpeer_crd_installs_validates_and_takes_server_side_apply() {
     let _down = Down(dir.clone());
     let env = KubeEnv::up(&dir, &[]).await.expect("kube up");
     let admin = env.client("admin").await.unwrap();
-    let bin = weft_tests::kube_env::binaries().unwrap();
-    let kubectl = |args: &[&str]| {
-        let out = std::process::Command::new(bin.join("kubectl"))
-            .args(args)
-            .env("KUBECONFIG", &env.admin_kubeconfig)
-            .output()
-            .expect("running kubectl");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr),
-        )
-    };
+    let kubectl = |args: &[&str]| env.kubectl(args).unwrap();
     let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crds.yaml");
     let (ok, out) = kubectl(&["apply", "-f", crds]);
     assert!(ok, "{out}");
@@ -263,18 +241,9 @@ async fn kube_peer_store_works_for_a_router_with_weft_rbac_only() {
     let env = KubeEnv::up(&dir, &["node1".to_string(), "node2".to_string()])
         .await
         .expect("kube up");
-    let bin = weft_tests::kube_env::binaries().unwrap();
     let kubectl = |args: &[&str]| {
-        let out = std::process::Command::new(bin.join("kubectl"))
-            .args(args)
-            .env("KUBECONFIG", &env.admin_kubeconfig)
-            .output()
-            .expect("running kubectl");
-        assert!(
-            out.status.success(),
-            "kubectl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (ok, out) = env.kubectl(args).unwrap();
+        assert!(ok, "kubectl {args:?}: {out}");
     };
     let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
     kubectl(&["apply", "-f", &format!("{deploy}/crds.yaml")]);
