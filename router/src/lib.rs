@@ -14,5 +14,6 @@ pub mod plan;
 pub mod seed;
 pub mod server;
 pub mod store;
+pub mod wg;
 
 pub use error::{Error, Result};

@@ -1,0 +1,300 @@
+//! The node's WireGuard interface. Kernel WireGuard where the kernel has it; otherwise an
+//! in-process userspace implementation (boringtun, through defguard_wireguard_rs). Either way
+//! `wg show <iface>` shows the true state: the userspace one answers on
+//! `/var/run/wireguard/<iface>.sock`.
+//!
+//! Things this module is careful about (each bit us in a prototype):
+//! - the kernel backend's create error does not carry the errno, so the choice is made by a probe
+//!   of our own: RTM_NEWLINK of kind wireguard, EOPNOTSUPP meaning "no kernel WireGuard";
+//! - boringtun panics (and the caller hangs) when an existing peer is configured again, so an
+//!   update is always remove + add;
+//! - the userspace interface lives as long as its handle: dropping [`Device`] removes it;
+//! - interface, socket and threads belong to the network namespace of the thread that creates
+//!   them: create the device from a thread in the node's namespace (the router runs in it).
+
+use std::net::{IpAddr, Ipv6Addr};
+use std::time::SystemTime;
+
+use defguard_wireguard_rs::key::Key;
+use defguard_wireguard_rs::net::IpAddrMask;
+use defguard_wireguard_rs::peer::Peer;
+use defguard_wireguard_rs::{
+    InterfaceConfiguration, Kernel, Userspace, WGApi, WireguardInterfaceApi,
+};
+use tracing::{info, warn};
+
+use crate::plan::{Change, WgPeer};
+use crate::{Error, Result};
+
+/// Which implementation runs the interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The kernel's WireGuard module.
+    Kernel,
+    /// boringtun threads inside this process.
+    Userspace,
+}
+
+enum Api {
+    Kernel(WGApi<Kernel>),
+    Userspace(WGApi<Userspace>),
+}
+
+/// The live state of one peer, for status and the "recent handshake" check.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeerState {
+    pub public_key: String,
+    pub last_handshake: Option<SystemTime>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+pub struct Device {
+    name: String,
+    api: Api,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("name", &self.name)
+            .field("backend", &self.backend())
+            .finish()
+    }
+}
+
+fn wg_err(
+    what: String,
+) -> impl FnOnce(defguard_wireguard_rs::error::WireguardInterfaceError) -> Error {
+    move |e| Error::Net {
+        what,
+        reason: e.to_string(),
+    }
+}
+
+fn key(b64: &str) -> Result<Key> {
+    Key::try_from(b64).map_err(|e| Error::Net {
+        what: format!("parsing WireGuard key {b64}"),
+        reason: format!("{e:?}"),
+    })
+}
+
+/// Whether the kernel can make WireGuard links, by trying (and removing the probe link).
+pub async fn kernel_supported() -> Result<bool> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| Error::Net {
+        what: "opening netlink".into(),
+        reason: e.to_string(),
+    })?;
+    let conn = tokio::spawn(conn);
+    let name = "weftwgprobe";
+    let made = handle
+        .link()
+        .add(rtnetlink::LinkWireguard::new(name).build())
+        .execute()
+        .await;
+    let out = match made {
+        Ok(()) => {
+            if let Ok(Some(link)) = futures::TryStreamExt::try_next(
+                &mut handle.link().get().match_name(name.to_string()).execute(),
+            )
+            .await
+            {
+                let _ = handle.link().del(link.header.index).execute().await;
+            }
+            Ok(true)
+        }
+        // EOPNOTSUPP: no wireguard module (ip says "Unknown device type").
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -95 => Ok(false),
+        Err(e) => Err(Error::Netlink {
+            what: "probing for kernel WireGuard".into(),
+            source: e,
+        }),
+    };
+    conn.abort();
+    out
+}
+
+fn to_peer(p: &WgPeer) -> Result<Peer> {
+    let mut peer = Peer::new(key(&p.public_key)?);
+    peer.endpoint = p.endpoint;
+    peer.persistent_keepalive_interval = p.keepalive;
+    peer.allowed_ips = p
+        .allowed_ips
+        .iter()
+        .map(|a| {
+            a.parse::<IpAddrMask>().map_err(|_| Error::Net {
+                what: format!("peer {}", p.public_key),
+                reason: format!("bad allowed IP {a}"),
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(peer)
+}
+
+impl Device {
+    /// Creates the interface `name` with our key, port and mesh address (/128), using the
+    /// kernel when it can (`prefer_kernel`) and userspace otherwise.
+    pub async fn open(
+        name: &str,
+        private_key: &str,
+        port: u16,
+        mesh: Ipv6Addr,
+        mtu: u32,
+        prefer_kernel: bool,
+    ) -> Result<Device> {
+        let kernel = prefer_kernel && kernel_supported().await?;
+        let mut api = if kernel {
+            Api::Kernel(
+                WGApi::<Kernel>::new(name)
+                    .map_err(wg_err(format!("opening kernel WireGuard {name}")))?,
+            )
+        } else {
+            Api::Userspace(
+                WGApi::<Userspace>::new(name)
+                    .map_err(wg_err(format!("opening userspace WireGuard {name}")))?,
+            )
+        };
+        let create = match &mut api {
+            Api::Kernel(a) => a.create_interface(),
+            Api::Userspace(a) => a.create_interface(),
+        };
+        create.map_err(wg_err(format!("creating WireGuard interface {name}")))?;
+        let device = Device {
+            name: name.to_string(),
+            api,
+        };
+        let cfg = InterfaceConfiguration {
+            name: name.to_string(),
+            prvkey: private_key.to_string(),
+            addresses: vec![IpAddrMask::new(IpAddr::V6(mesh), 128)],
+            port,
+            peers: Vec::new(),
+            mtu: Some(mtu),
+            fwmark: None,
+        };
+        device
+            .ops()
+            .configure_interface(&cfg)
+            .map_err(wg_err(format!(
+                "configuring {name} (port {port}, {mesh}/128)"
+            )))?;
+        info!(interface = name, backend = ?device.backend(), port, %mesh, mtu, "WireGuard interface up");
+        if !kernel && prefer_kernel {
+            info!("the kernel has no WireGuard (EOPNOTSUPP): using userspace WireGuard in-process");
+        }
+        Ok(device)
+    }
+
+    fn ops(&self) -> &dyn WireguardInterfaceApi {
+        match &self.api {
+            Api::Kernel(a) => a,
+            Api::Userspace(a) => a,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self.api {
+            Api::Kernel(_) => Backend::Kernel,
+            Api::Userspace(_) => Backend::Userspace,
+        }
+    }
+
+    /// The peers as the device has them, in the plan's terms (for [`crate::plan::diff`]).
+    pub fn peers(&self) -> Result<Vec<WgPeer>> {
+        let host = self
+            .ops()
+            .read_interface_data()
+            .map_err(wg_err(format!("reading {}", self.name)))?;
+        let mut out: Vec<WgPeer> = host
+            .peers
+            .values()
+            .map(|p| {
+                let mut allowed: Vec<String> =
+                    p.allowed_ips.iter().map(|a| a.to_string()).collect();
+                allowed.sort();
+                WgPeer {
+                    public_key: p.public_key.to_string(),
+                    endpoint: p.endpoint,
+                    allowed_ips: allowed,
+                    keepalive: p.persistent_keepalive_interval.filter(|k| *k > 0),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.public_key.cmp(&b.public_key));
+        Ok(out)
+    }
+
+    pub fn peer_states(&self) -> Result<Vec<PeerState>> {
+        let host = self
+            .ops()
+            .read_interface_data()
+            .map_err(wg_err(format!("reading {}", self.name)))?;
+        Ok(host
+            .peers
+            .values()
+            .map(|p| PeerState {
+                public_key: p.public_key.to_string(),
+                last_handshake: p.last_handshake,
+                rx_bytes: p.rx_bytes,
+                tx_bytes: p.tx_bytes,
+            })
+            .collect())
+    }
+
+    /// Applies `changes` peer by peer; the interface itself is never recreated. Routes for the
+    /// peers' AllowedIPs are added on the interface.
+    pub fn apply(&self, changes: &[Change]) -> Result<()> {
+        for change in changes {
+            match change {
+                Change::Add(p) => self.add(p)?,
+                Change::Update(p) => {
+                    // Never reconfigure an existing peer in place (boringtun panics): remove, add.
+                    self.remove(&p.public_key)?;
+                    self.add(p)?;
+                }
+                Change::Remove(k) => self.remove(k)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn add(&self, p: &WgPeer) -> Result<()> {
+        let peer = to_peer(p)?;
+        let what = format!("adding peer {} to {}", p.public_key, self.name);
+        self.ops()
+            .configure_peer(&peer)
+            .map_err(wg_err(what.clone()))?;
+        self.ops()
+            .configure_peer_routing(std::slice::from_ref(&peer))
+            .map_err(wg_err(what))?;
+        info!(interface = %self.name, peer = %p.public_key, endpoint = ?p.endpoint, allowed = ?p.allowed_ips, "WireGuard peer set");
+        Ok(())
+    }
+
+    fn remove(&self, public_key: &str) -> Result<()> {
+        let k = key(public_key)?;
+        self.ops().remove_peer(&k).map_err(wg_err(format!(
+            "removing peer {public_key} from {}",
+            self.name
+        )))?;
+        info!(interface = %self.name, peer = %public_key, "WireGuard peer removed");
+        Ok(())
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        // For userspace, dropping the handle is what removes the link; remove_interface reports
+        // a harmless DNS error on hosts without resolvconf.
+        if let Err(e) = self.ops().remove_interface() {
+            let msg = e.to_string();
+            if !msg.contains("DNS") {
+                warn!(interface = %self.name, "removing WireGuard interface: {msg}");
+            }
+        }
+    }
+}
