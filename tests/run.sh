@@ -47,6 +47,8 @@ static_checks() {
 }
 
 unit_tests() {
+	# Some unit-tier tests need root and these tools (netns, WireGuard, ping).
+	ensure_packages iproute2 iputils-ping nftables wireguard-tools
 	# Release: the property tests and the 1000-peer simulator are CPU-bound. The simulator
 	# runs on its own with its output shown: rounds to converge and wall time.
 	cargo test --workspace --release --exclude weft-tests -- --skip sim_
@@ -66,6 +68,12 @@ node_tier() {
 	ensure_packages iproute2 iputils-ping nftables
 	cargo build --release --bins
 	cargo test --release -p weft-tests --test node
+}
+
+mesh_tier() {
+	# Several nodes on one underlay: WireGuard full mesh, ring gossip, joins, restarts.
+	ensure_packages wireguard-tools tcpdump
+	cargo test --release -p weft-tests --test mesh -- --nocapture
 }
 
 runtimes_tier() {
@@ -91,9 +99,11 @@ fi
 if [ "$(id -u)" != 0 ]; then
 	skip node "needs root (network namespaces, veth, bridges)"
 	skip runtimes "needs root"
+	skip mesh "needs root"
 	skip "bench cni" "needs root"
 else
 	tier node node_tier
+	tier mesh mesh_tier
 	tier runtimes runtimes_tier
 	tier "bench cni" cni_bench
 fi

@@ -12,7 +12,9 @@ use weft_node_api::{
 };
 
 use crate::config::Config;
+use crate::mesh::{Inbound, Mesh};
 use crate::net::Net;
+use crate::plan;
 use crate::store::Store;
 
 /// A refusal, with the HTTP status the node API answers with.
@@ -54,6 +56,12 @@ enum Request {
     Lookup(Attachment, Reply<Option<Allocation>>),
     Status(Reply<Status>),
     Health(Reply<Health>),
+    /// Gossip from a mesh peer.
+    Gossip(Inbound),
+    /// The peer store's new view of every node.
+    Peers(Vec<plan::Node>),
+    /// Periodic: gossip the ring, ask for space if we have none.
+    Tick,
 }
 
 /// The gateway's key in the node's space: reserved, never garbage-collected.
@@ -69,7 +77,12 @@ struct Actor {
     cfg: Config,
     node: Node,
     store: Store,
-    net: Net,
+    /// The bridge and its routes; set up once the node owns space for its gateway.
+    net: Option<Net>,
+    mesh: Option<Mesh>,
+    /// Mesh address → node name, shared with the gossip receiver to authenticate senders.
+    index:
+        std::sync::Arc<std::sync::RwLock<std::collections::BTreeMap<std::net::Ipv6Addr, String>>>,
 }
 
 impl Actor {
@@ -235,7 +248,109 @@ impl Actor {
         }
     }
 
+    /// After the ring changed: persist, bring the bridge up once we own space, keep routes and
+    /// the WireGuard peers equal to the ring.
+    async fn settle(&mut self) {
+        if let Err(e) = self.persist() {
+            warn!("{}", e.error.error);
+        }
+        if self.gateway().is_none() && !self.node.owned().is_empty() {
+            if let Err(e) = self.node.allocate(gateway_key()) {
+                warn!("allocating the gateway: {e}");
+            }
+            let _ = self.persist();
+        }
+        let owned = self.node.owned_cidrs();
+        let gateway = self.gateway();
+        match (&mut self.net, gateway) {
+            (Some(net), _) => {
+                if let Err(e) = net.sync_routes(&owned).await {
+                    warn!("syncing bridge routes: {e}");
+                }
+            }
+            (None, Some(gw)) => match Net::setup(&self.cfg, gw, &owned).await {
+                Ok(net) => {
+                    info!(gateway = %gw, owned = ?owned.iter().map(|c| c.to_string()).collect::<Vec<_>>(), "node network ready");
+                    self.net = Some(net);
+                }
+                Err(e) => warn!("setting up the node network: {e}"),
+            },
+            (None, None) => {}
+        }
+        if let Some(mesh) = &self.mesh {
+            if let Err(e) = mesh.reconcile(self.node.ring()) {
+                warn!("reconciling WireGuard peers: {e}");
+            }
+        }
+    }
+
+    async fn send_all(&self, out: Vec<ipam::Outgoing>) {
+        if let Some(mesh) = &self.mesh {
+            for o in out {
+                mesh.send(self.node.me(), &o.to, &o.msg).await;
+            }
+        }
+    }
+
+    async fn gossip(&mut self, inbound: Inbound) {
+        match self.node.handle(&inbound.from, &inbound.msg) {
+            Ok((changed, reply)) => {
+                if changed {
+                    self.settle().await;
+                }
+                self.send_all(reply.into_iter().collect()).await;
+            }
+            Err(e) => warn!(peer = %inbound.from, "refused gossip: {e}"),
+        }
+    }
+
+    async fn tick(&mut self) {
+        let Some(mesh) = &self.mesh else { return };
+        let out = {
+            let mut rng = rand::thread_rng();
+            let names: Vec<ipam::PeerName> =
+                mesh.peers.keys().map(|n| ipam::PeerName::new(n)).collect();
+            let targets: Vec<ipam::PeerName> =
+                rand::seq::SliceRandom::choose_multiple(names.as_slice(), &mut rng, 3)
+                    .cloned()
+                    .collect();
+            let msg = self.node.gossip();
+            let mut out: Vec<ipam::Outgoing> = targets
+                .into_iter()
+                .map(|to| ipam::Outgoing {
+                    to,
+                    msg: msg.clone(),
+                })
+                .collect();
+            if self.node.ring().is_seeded() && self.node.owned().is_empty() {
+                out.extend(self.node.space_request(&mut rng).into_iter().take(1));
+            }
+            out
+        };
+        self.send_all(out).await;
+    }
+
+    async fn peers(&mut self, nodes: Vec<plan::Node>) {
+        let Some(mesh) = &mut self.mesh else { return };
+        mesh.peers = nodes
+            .into_iter()
+            .filter(|n| n.name != mesh.me.name)
+            .map(|n| (n.name.clone(), n))
+            .collect();
+        if let Ok(mut index) = self.index.write() {
+            *index = mesh
+                .peers
+                .values()
+                .filter_map(|n| Some((n.spec.mesh_address.parse().ok()?, n.name.clone())))
+                .collect();
+        }
+        if let Err(e) = mesh.reconcile(self.node.ring()) {
+            warn!("reconciling WireGuard peers: {e}");
+        }
+    }
+
     async fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        self.settle().await;
         while let Some(req) = rx.recv().await {
             match req {
                 Request::Allocate(r, tx) => drop(tx.send(self.allocate(r))),
@@ -247,10 +362,15 @@ impl Actor {
                 }
                 Request::Status(tx) => drop(tx.send(Ok(self.status()))),
                 Request::Health(tx) => drop(tx.send(Ok(self.health()))),
+                Request::Gossip(inbound) => self.gossip(inbound).await,
+                Request::Peers(nodes) => self.peers(nodes).await,
+                Request::Tick => self.tick().await,
             }
         }
-        if let Err(e) = self.net.close().await {
-            warn!("closing netlink: {e}");
+        if let Some(net) = self.net.take() {
+            if let Err(e) = net.close().await {
+                warn!("closing netlink: {e}");
+            }
         }
     }
 }
@@ -267,18 +387,41 @@ fn gone<T>() -> Result<T, Failure> {
 
 impl Handle {
     /// Starts the actor on the current runtime.
-    pub fn spawn(cfg: Config, node: Node, store: Store, net: Net) -> Handle {
+    pub fn spawn(
+        cfg: Config,
+        node: Node,
+        store: Store,
+        mesh: Option<Mesh>,
+        index: std::sync::Arc<
+            std::sync::RwLock<std::collections::BTreeMap<std::net::Ipv6Addr, String>>,
+        >,
+    ) -> Handle {
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(
             Actor {
                 cfg,
                 node,
                 store,
-                net,
+                net: None,
+                mesh,
+                index,
             }
             .run(rx),
         );
         Handle { tx }
+    }
+
+    /// Sends a message that needs no answer (gossip, peer updates, ticks).
+    pub async fn tell_gossip(&self, inbound: Inbound) {
+        let _ = self.tx.send(Request::Gossip(inbound)).await;
+    }
+
+    pub async fn tell_peers(&self, nodes: Vec<plan::Node>) {
+        let _ = self.tx.send(Request::Peers(nodes)).await;
+    }
+
+    pub async fn tell_tick(&self) {
+        let _ = self.tx.send(Request::Tick).await;
     }
 
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, Failure> {

@@ -7,6 +7,7 @@ pub mod config;
 mod error;
 pub mod keys;
 pub mod kube_store;
+pub mod mesh;
 pub mod meshpeer;
 pub mod net;
 pub mod peers;

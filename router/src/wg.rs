@@ -286,6 +286,25 @@ impl Device {
     }
 }
 
+/// Whether the userspace interface `name` still answers on its control socket. boringtun takes
+/// SIGTERM and SIGINT for itself (signalfd) and stops its event loops on them, often before the
+/// process's own handler sees the signal: the router watches this to shut down cleanly then.
+pub fn userspace_alive(name: &str) -> bool {
+    use std::io::{BufRead, BufReader, Write};
+    let path = format!("/var/run/wireguard/{name}.sock");
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(&path) else {
+        return false;
+    };
+    let timeout = Some(std::time::Duration::from_millis(500));
+    if s.set_read_timeout(timeout).is_err() || s.write_all(b"get=1\n\n").is_err() {
+        return false;
+    }
+    BufReader::new(s)
+        .lines()
+        .map_while(|l| l.ok())
+        .any(|l| l.starts_with("errno="))
+}
+
 impl Drop for Device {
     fn drop(&mut self) {
         // For userspace, dropping the handle is what removes the link; remove_interface reports

@@ -124,6 +124,16 @@ impl Lab {
         Ok(lab)
     }
 
+    /// Adds one more node to a running lab (a join) and waits until its router is ready.
+    pub fn join(&mut self) -> Result<usize> {
+        let i = self.nodes.len() + 1;
+        let node = self.add_node(i, &binary("weft-router")?, &binary("weft")?)?;
+        self.nodes.push(node);
+        self.save()?;
+        self.wait_ready(i - 1, Duration::from_secs(20))?;
+        Ok(i - 1)
+    }
+
     fn add_node(&self, i: usize, router: &Path, cni: &Path) -> Result<LabNode> {
         let name = format!("node{i}");
         let ns = format!("{}-{name}", self.prefix);
@@ -169,7 +179,7 @@ impl Lab {
             name,
             netns: ns,
             underlay_ip,
-            wg_interface: None,
+            wg_interface: Some(format!("{}wg{i}", self.prefix)),
             node_api_socket: socket,
             cni_bin_dir,
             cni_conf,
@@ -192,6 +202,11 @@ impl Lab {
             .arg(&node.node_api_socket)
             .arg("--peers-dir")
             .arg(self.dir.join("peers"))
+            .args(["--endpoint", &format!("{}:51820", node.underlay_ip)])
+            .args([
+                "--wg-interface",
+                node.wg_interface.as_deref().unwrap_or("weft0"),
+            ])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1");
         // Appending keeps the logs of earlier runs (restarts) for post-mortems.

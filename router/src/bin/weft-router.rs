@@ -5,10 +5,18 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Parser;
 use ipam::{Cidr, Node, PeerName};
-use router::actor::{gateway_key, Handle};
+use router::actor::Handle;
 use router::config::Config;
-use router::net::Net;
+use router::keys::Identity;
+use router::mesh::Mesh;
+use router::meshpeer::{Endpoint, EndpointKind, MeshPeerSpec};
+use router::peers::{DirStore, PeerStore};
+use router::plan;
 use router::store::Store;
+use router::wg::Device;
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 use tracing::{info, warn};
 
 #[derive(Parser, Debug)]
@@ -41,6 +49,18 @@ struct Args {
     /// Do not masquerade pod traffic leaving the universe.
     #[arg(long)]
     no_snat: bool,
+    /// The WireGuard interface (unique per host: userspace sockets live in /var/run/wireguard).
+    #[arg(long, env = "WEFT_WG_INTERFACE", default_value = "weft0")]
+    wg_interface: String,
+    /// WireGuard listen port.
+    #[arg(long, env = "WEFT_WG_PORT", default_value_t = 51820)]
+    wg_port: u16,
+    /// This node's WireGuard endpoint as other nodes reach it (ip:port).
+    #[arg(long, env = "WEFT_ENDPOINT")]
+    endpoint: std::net::SocketAddr,
+    /// Use userspace WireGuard even if the kernel has it.
+    #[arg(long)]
+    userspace_wireguard: bool,
 }
 
 /// The MTU of the interface carrying the default route, minus WireGuard's 80 bytes.
@@ -60,12 +80,28 @@ fn default_mtu() -> u32 {
     mtu.saturating_sub(80).max(1280)
 }
 
-async fn shutdown_signal() {
+async fn shutdown_signal(userspace_wg: Option<String>) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let device_stopped = async move {
+        let Some(name) = userspace_wg else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let n = name.clone();
+            if !tokio::task::spawn_blocking(move || router::wg::userspace_alive(&n))
+                .await
+                .unwrap_or(false)
+            {
+                return;
+            }
+        }
+    };
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: stopping (bridge, routes and pods stay up)"),
         _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping (bridge, routes and pods stay up)"),
+        _ = device_stopped => info!("userspace WireGuard stopped (it takes SIGTERM/SIGINT itself): stopping"),
     }
 }
 
@@ -118,23 +154,69 @@ async fn main() -> Result<()> {
             warn!(%seed, "the ring was seeded by other nodes; waiting to receive it from them");
         }
     }
-    let gateway = if node.ring().is_seeded() {
-        node.allocate(gateway_key()).ok()
-    } else {
-        None
-    };
     store.save(&node)?;
-    let owned = node.owned_cidrs();
-    let net = match gateway {
-        Some(gw) => Net::setup(&cfg, gw, &owned).await?,
-        None => anyhow::bail!(
-            "no address space for the gateway yet (multi-node seeding arrives with the mesh)"
-        ),
+
+    let identity = Identity::load_or_create(&cfg.state_dir.join("key"))?;
+    let device = Device::open(
+        &a.wg_interface,
+        &identity.private_base64(),
+        a.wg_port,
+        identity.mesh_address(),
+        cfg.mtu,
+        !a.userspace_wireguard,
+    )
+    .await?;
+    let me_spec = MeshPeerSpec {
+        public_key: identity.public_base64(),
+        endpoints: vec![Endpoint {
+            address: a.endpoint.to_string(),
+            kind: EndpointKind::Internal,
+        }],
+        mesh_address: identity.mesh_address().to_string(),
+        location: None,
+        persistent_keepalive: None,
     };
-    info!(gateway = ?gateway, owned = ?owned.iter().map(|c| c.to_string()).collect::<Vec<_>>(), "node network ready");
+    let peers = DirStore::new(&cfg.peers_dir)?;
+    peers.publish(&cfg.node, &me_spec).await?;
+    info!(key = %identity.public_base64(), mesh = %identity.mesh_address(), endpoint = %a.endpoint, "published MeshPeer");
+    let (inbound_tx, mut inbound_rx) = tokio::sync::mpsc::channel(256);
+    let index = Arc::new(RwLock::new(BTreeMap::new()));
+    let me_node = plan::Node {
+        name: cfg.node.clone(),
+        spec: me_spec,
+    };
+    let mesh = Mesh::start(me_node, device, inbound_tx, index.clone()).await?;
+
     let socket = cfg.socket.clone();
-    let handle = Handle::spawn(cfg, node, store, net);
+    let userspace_wg =
+        (mesh.device.backend() == router::wg::Backend::Userspace).then(|| a.wg_interface.clone());
+    let handle = Handle::spawn(cfg, node, store, Some(mesh), index);
+    let h = handle.clone();
+    tokio::spawn(async move {
+        while let Some(m) = inbound_rx.recv().await {
+            h.tell_gossip(m).await;
+        }
+    });
+    let h = handle.clone();
+    let mut watch = peers.watch(Duration::from_millis(300));
+    tokio::spawn(async move {
+        loop {
+            let snapshot = watch.borrow_and_update().clone();
+            h.tell_peers(snapshot).await;
+            if watch.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    let h = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            h.tell_tick().await;
+        }
+    });
     info!(socket = %socket.display(), "serving the node API");
-    router::server::serve(&socket, handle, shutdown_signal()).await?;
+    router::server::serve(&socket, handle, shutdown_signal(userspace_wg)).await?;
     Ok(())
 }

@@ -1,0 +1,129 @@
+//! The node in the mesh: its WireGuard device kept equal to the plan (one peer per other node,
+//! AllowedIPs = mesh address + owned CIDRs), and ring gossip over UDP between mesh addresses —
+//! which only exist inside the tunnel, so gossip is encrypted and its sender authenticated by
+//! WireGuard's cryptokey routing (a packet from fd77::X arrived through X's peer).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use ipam::codec::{decode_message, encode_message};
+use ipam::{Message, PeerName, Ring};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::plan::{self, Node};
+use crate::wg::Device;
+use crate::Result;
+
+/// UDP port of ring gossip, on mesh addresses only.
+pub const GOSSIP_PORT: u16 = 6784;
+
+/// A gossip message received from a mesh peer (already authenticated by its source address).
+#[derive(Debug)]
+pub struct Inbound {
+    pub from: PeerName,
+    pub msg: Message,
+}
+
+pub struct Mesh {
+    pub me: Node,
+    pub device: Device,
+    /// The other nodes, by name, as the peer store last said.
+    pub peers: BTreeMap<String, Node>,
+    socket: Arc<UdpSocket>,
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh")
+            .field("me", &self.me.name)
+            .field("peers", &self.peers.len())
+            .finish()
+    }
+}
+
+impl Mesh {
+    /// Binds the gossip socket and starts the receive loop, which forwards messages from known
+    /// mesh addresses to `inbound`.
+    pub async fn start(
+        me: Node,
+        device: Device,
+        inbound: mpsc::Sender<Inbound>,
+        peers: Arc<std::sync::RwLock<BTreeMap<Ipv6Addr, String>>>,
+    ) -> Result<Mesh> {
+        let bind = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), GOSSIP_PORT);
+        let socket = Arc::new(UdpSocket::bind(bind).await.map_err(crate::Error::io(
+            "binding the gossip socket",
+            format!("{bind}"),
+        ))?);
+        let rx = socket.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let (n, src) = match rx.recv_from(&mut buf).await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!("gossip receive: {e}");
+                        continue;
+                    }
+                };
+                let IpAddr::V6(src_ip) = src.ip() else {
+                    continue;
+                };
+                let Some(name) = peers.read().ok().and_then(|p| p.get(&src_ip).cloned()) else {
+                    debug!(%src, "gossip from an address that is no mesh peer: dropped");
+                    continue;
+                };
+                match decode_message(&buf[..n]) {
+                    Ok((from, msg)) if from.as_str() == name => {
+                        if inbound.send(Inbound { from, msg }).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok((from, _)) => {
+                        warn!(%src, claimed = %from, actual = %name, "gossip sender name does not match its mesh address: dropped")
+                    }
+                    Err(e) => warn!(%src, peer = %name, "undecodable gossip: {e}"),
+                }
+            }
+        });
+        Ok(Mesh {
+            me,
+            device,
+            peers: BTreeMap::new(),
+            socket,
+        })
+    }
+
+    /// Makes the device's peers match the plan for `ring`.
+    pub fn reconcile(&self, ring: &Ring) -> Result<()> {
+        let others: Vec<Node> = self.peers.values().cloned().collect();
+        let want = plan::desired(&self.me, &others, ring);
+        let changes = plan::diff(&want, &self.device.peers()?);
+        if !changes.is_empty() {
+            self.device.apply(&changes)?;
+        }
+        Ok(())
+    }
+
+    pub async fn send(&self, me: &PeerName, to: &PeerName, msg: &Message) {
+        let Some(addr) = self
+            .peers
+            .get(to.as_str())
+            .and_then(|n| n.spec.mesh_address.parse::<Ipv6Addr>().ok())
+        else {
+            debug!(peer = %to, "no mesh address for gossip target");
+            return;
+        };
+        let bytes = encode_message(me, msg);
+        if let Err(e) = self
+            .socket
+            .send_to(&bytes, SocketAddr::new(IpAddr::V6(addr), GOSSIP_PORT))
+            .await
+        {
+            debug!(peer = %to, %addr, "gossip send: {e}");
+        }
+    }
+}
