@@ -293,15 +293,47 @@ impl Actor {
     }
 
     async fn gossip(&mut self, inbound: Inbound) {
+        let owned_before = self.node.owned();
         match self.node.handle(&inbound.from, &inbound.msg) {
             Ok((changed, reply)) => {
                 if changed {
                     self.settle().await;
                 }
-                self.send_all(reply.into_iter().collect()).await;
+                let mut out: Vec<ipam::Outgoing> = reply.into_iter().collect();
+                if self.node.owned() != owned_before {
+                    // We granted space or received it: tell everyone now, not at the next tick,
+                    // so their AllowedIPs and routes follow at once.
+                    out.extend(self.broadcast());
+                } else if self.node.ring().is_seeded() && self.node.owned().is_empty() {
+                    // First ring seen and no space yet: ask right away.
+                    out.extend(
+                        self.node
+                            .space_request(&mut rand::thread_rng())
+                            .into_iter()
+                            .take(1),
+                    );
+                }
+                self.send_all(out).await;
             }
             Err(e) => warn!(peer = %inbound.from, "refused gossip: {e}"),
         }
+    }
+
+    /// Our ring for every mesh peer.
+    fn broadcast(&mut self) -> Vec<ipam::Outgoing> {
+        let msg = self.node.gossip();
+        let names: Vec<String> = self
+            .mesh
+            .as_ref()
+            .map(|m| m.peers.keys().cloned().collect())
+            .unwrap_or_default();
+        names
+            .into_iter()
+            .map(|n| ipam::Outgoing {
+                to: ipam::PeerName::new(&n),
+                msg: msg.clone(),
+            })
+            .collect()
     }
 
     async fn tick(&mut self) {
@@ -332,10 +364,17 @@ impl Actor {
 
     async fn peers(&mut self, nodes: Vec<plan::Node>) {
         let Some(mesh) = &mut self.mesh else { return };
+        let known: std::collections::BTreeSet<String> = mesh.peers.keys().cloned().collect();
         mesh.peers = nodes
             .into_iter()
             .filter(|n| n.name != mesh.me.name)
             .map(|n| (n.name.clone(), n))
+            .collect();
+        let new: Vec<String> = mesh
+            .peers
+            .keys()
+            .filter(|n| !known.contains(*n))
+            .cloned()
             .collect();
         if let Ok(mut index) = self.index.write() {
             *index = mesh
@@ -346,6 +385,18 @@ impl Actor {
         }
         if let Err(e) = mesh.reconcile(self.node.ring()) {
             warn!("reconciling WireGuard peers: {e}");
+        }
+        // A node that just appeared gets our ring now rather than at a random later tick.
+        if !new.is_empty() && self.node.ring().is_seeded() {
+            let msg = self.node.gossip();
+            let out = new
+                .into_iter()
+                .map(|n| ipam::Outgoing {
+                    to: ipam::PeerName::new(&n),
+                    msg: msg.clone(),
+                })
+                .collect();
+            self.send_all(out).await;
         }
     }
 

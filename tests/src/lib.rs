@@ -2,6 +2,8 @@
 //! `weft-lab` is made of. Everything it starts stays on loopback or in namespaces it creates.
 
 pub mod bench_cni;
+pub mod bench_mesh;
+pub mod check;
 pub mod kube_env;
 pub mod lab;
 pub mod netns;

@@ -21,34 +21,9 @@ impl Drop for TestLab {
     }
 }
 
-fn ping(ns: &str, ip: &str) -> bool {
-    netns::exec(ns, &["ping", "-c", "1", "-W", "2", ip]).is_ok()
-}
-
-/// Every pod pings every other pod; returns the failures.
-fn all_pairs(lab: &Lab) -> Vec<String> {
-    let pods: Vec<_> = lab.nodes.iter().flat_map(|n| n.pods.clone()).collect();
-    let mut failed = Vec::new();
-    for a in &pods {
-        for b in &pods {
-            if a.netns != b.netns && !ping(&a.netns, &b.ip) {
-                failed.push(format!("{} -> {} ({})", a.netns, b.netns, b.ip));
-            }
-        }
-    }
-    failed
-}
-
-/// Waits (up to 20 s) until every pod reaches every other pod.
 fn converge(lab: &Lab, when: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let failed = all_pairs(lab);
-        if failed.is_empty() {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{when}: {failed:?}");
-        std::thread::sleep(Duration::from_millis(300));
+    if let Err(e) = weft_tests::check::converge(lab, Duration::from_secs(20)) {
+        panic!("{when}: {e:#}");
     }
 }
 
@@ -70,42 +45,15 @@ fn three_nodes_mesh_encrypts_pod_traffic_and_a_fourth_joins() {
     converge(&t.lab, "after up");
 
     // All-pairs pod ping across nodes, while capturing on the underlay switch.
-    let sw = format!("{prefix}-sw");
-    let capture = std::process::Command::new("ip")
-        .args([
-            "netns", "exec", &sw, "timeout", "6", "tcpdump", "-i", "sw0", "-n", "-l", "ip",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    let failed = all_pairs(&t.lab);
-    let captured = capture.wait_with_output().unwrap();
-    assert!(failed.is_empty(), "pod pings failed: {failed:?}");
-    let text = String::from_utf8_lossy(&captured.stdout);
-    let wireguard = text
-        .lines()
-        .filter(|l| l.contains(".51820 > ") && l.contains("UDP"))
-        .count();
-    let plaintext: Vec<&str> = text
-        .lines()
-        .filter(|l| {
-            l.contains("10.32.")
-                || l.contains("10.36.")
-                || l.contains("10.40.")
-                || l.contains("ICMP")
-        })
-        .collect();
+    let v = weft_tests::check::check(&t.lab).unwrap();
     println!(
-        "underlay capture: {wireguard} WireGuard packets, {} plaintext pod packets",
-        plaintext.len()
+        "check: {} pairs, {} failed; underlay: {} WireGuard packets, {} plaintext pod packets",
+        v.pairs,
+        v.failed.len(),
+        v.wireguard_packets,
+        v.plaintext.len()
     );
-    assert!(wireguard > 0, "no WireGuard traffic captured:\n{text}");
-    assert!(
-        plaintext.is_empty(),
-        "plaintext pod traffic on the underlay: {plaintext:?}"
-    );
+    assert!(v.ok(), "{v:?}");
 
     // wg show in each node: the two others, with a recent handshake.
     for n in &t.lab.nodes {

@@ -198,7 +198,7 @@ async fn main() -> Result<()> {
         }
     });
     let h = handle.clone();
-    let mut watch = peers.watch(Duration::from_millis(300));
+    let mut watch = peers.watch(Duration::from_millis(100));
     tokio::spawn(async move {
         loop {
             let snapshot = watch.borrow_and_update().clone();

@@ -45,6 +45,8 @@ enum Top {
     },
     /// Remove everything `up` created (also after a crash).
     Down,
+    /// All-pairs pod ping across nodes under an underlay capture: WireGuard only, or fail.
+    Check,
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -66,6 +68,16 @@ enum Top {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// New node's router start to all-pairs pod ping including it; p50 over N joins.
+    Join {
+        #[arg(long, default_value_t = 5)]
+        joins: usize,
+    },
+    /// iperf3 pod to pod across two nodes vs a hand-built userspace WireGuard tunnel.
+    Throughput {
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+    },
     /// ADD/CHECK/DEL latency of weft vs Debian's bridge + host-local, p50 and p99.
     Cni {
         #[arg(long, default_value_t = 50)]
@@ -117,6 +129,31 @@ async fn main() -> Result<()> {
                 weft_tests::bench_cni::bench(&bench_dir, &format!("{}b", cli.prefix), pods)?;
             weft_tests::bench_cni::print(pods, &weft, &reference);
         }
+        Top::Bench(BenchCmd::Join { joins }) => {
+            let mut times = weft_tests::bench_mesh::join(
+                &cli.dir.join("bench"),
+                &format!("{}j", cli.prefix),
+                joins,
+            )?;
+            for (i, t) in times.iter().enumerate() {
+                println!("join {}: {:.2} s", i + 1, t.as_secs_f64());
+            }
+            times.sort();
+            println!(
+                "join p50={:.2}s (over {joins} joins)",
+                times[times.len() / 2].as_secs_f64()
+            );
+        }
+        Top::Bench(BenchCmd::Throughput { seconds }) => {
+            let (weft, reference) = weft_tests::bench_mesh::throughput(
+                &cli.dir.join("bench"),
+                &format!("{}t", cli.prefix),
+                seconds,
+            )?;
+            println!("weft pod -> pod across nodes:          {weft:.3} Gbit/s");
+            println!("hand-built userspace WireGuard tunnel: {reference:.3} Gbit/s");
+            println!("ratio throughput={:.2}", weft / reference);
+        }
         Top::BenchDriver {
             plugin,
             conf,
@@ -126,6 +163,28 @@ async fn main() -> Result<()> {
             let conf: serde_json::Value = serde_json::from_slice(&std::fs::read(&conf)?)?;
             let samples = weft_tests::bench_cni::driver(&plugin, &conf, &cni_path, &pods)?;
             println!("{}", serde_json::to_string(&samples)?);
+        }
+        Top::Check => {
+            let lab = Lab::load(&lab_dir)?;
+            let v = weft_tests::check::check(&lab)?;
+            println!("pairs: {} pinged, {} failed", v.pairs, v.failed.len());
+            for f in &v.failed {
+                println!("  FAILED {f}");
+            }
+            println!(
+                "underlay: {} WireGuard packets, {} plaintext pod packets",
+                v.wireguard_packets,
+                v.plaintext.len()
+            );
+            for p in v.plaintext.iter().take(10) {
+                println!("  PLAINTEXT {p}");
+            }
+            if v.ok() {
+                println!("verdict: OK (pod traffic between nodes crosses the underlay only inside WireGuard)");
+            } else {
+                println!("verdict: FAIL");
+                std::process::exit(1);
+            }
         }
         Top::Down => {
             Lab::down(&lab_dir, &cli.prefix)?;
