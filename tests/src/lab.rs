@@ -121,6 +121,8 @@ impl Lab {
                 lab.add_pod(n, &format!("pod{p}"))?;
             }
         }
+        // `up` means usable: every pod reaches every other node's pods (gossip has converged).
+        crate::check::converge(&lab, Duration::from_secs(30))?;
         Ok(lab)
     }
 
