@@ -100,6 +100,23 @@ impl KubeStore {
     }
 }
 
+impl KubeStore {
+    /// Writes this node's MeshPeer status (server-side apply of the status subresource).
+    pub async fn publish_status(
+        &self,
+        name: &str,
+        status: &crate::meshpeer::MeshPeerStatus,
+    ) -> Result<()> {
+        let patch = serde_json::json!({"apiVersion": "weft.dev/v1alpha1", "kind": "MeshPeer", "status": status});
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        self.api
+            .patch_status(name, &pp, &Patch::Apply(&patch))
+            .await
+            .map_err(kube_err(format!("applying MeshPeer {name} status")))?;
+        Ok(())
+    }
+}
+
 impl PeerStore for KubeStore {
     async fn publish(&self, name: &str, spec: &MeshPeerSpec) -> Result<()> {
         let obj = MeshPeer::new(name, spec.clone());

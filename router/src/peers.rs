@@ -28,6 +28,30 @@ pub trait PeerStore: Send + Sync + 'static {
     fn remove(&self, name: &str) -> impl std::future::Future<Output = Result<()>> + Send;
 }
 
+/// The store a router was started with.
+#[derive(Clone, Debug)]
+pub enum Store {
+    Dir(DirStore),
+    Kube(Box<crate::kube_store::KubeStore>),
+}
+
+impl Store {
+    pub async fn publish(&self, name: &str, spec: &MeshPeerSpec) -> Result<()> {
+        match self {
+            Store::Dir(s) => s.publish(name, spec).await,
+            Store::Kube(s) => s.publish(name, spec).await,
+        }
+    }
+
+    /// Snapshots of every node's spec, a new one whenever one changes.
+    pub fn watch(&self) -> watch::Receiver<Vec<Node>> {
+        match self {
+            Store::Dir(s) => s.watch(Duration::from_millis(100)),
+            Store::Kube(s) => s.watch(),
+        }
+    }
+}
+
 /// One `<name>.json` per node in a folder, replaced atomically (write, rename).
 #[derive(Clone, Debug)]
 pub struct DirStore {

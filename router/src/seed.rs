@@ -58,6 +58,72 @@ pub fn decide(peers_dir: &Path, me: &PeerName, universe: Cidr, id: u64) -> Resul
     })
 }
 
+/// The Lease that records the cluster's seed (created once: a create is atomic, a second
+/// router gets 409 and reads it).
+pub const SEED_LEASE: &str = "weft-ring-seed";
+pub const SEED_NAMESPACE: &str = "kube-system";
+
+/// The cluster's seed, decided through the API server: the Lease `kube-system/weft-ring-seed`,
+/// whose annotations name the seed id, universe and peers.
+pub async fn decide_kube(
+    client: kube::Client,
+    me: &PeerName,
+    universe: Cidr,
+    id: u64,
+) -> Result<Seed> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use kube::api::{Api, ObjectMeta, PostParams};
+    let api: Api<Lease> = Api::namespaced(client, SEED_NAMESPACE);
+    let what = format!("Lease {SEED_NAMESPACE}/{SEED_LEASE}");
+    let kube_err = |e: kube::Error| Error::Kube {
+        what: what.clone(),
+        reason: e.to_string(),
+    };
+    let annotations = [
+        ("weft.dev/seed-id".to_string(), format!("{id:016x}")),
+        ("weft.dev/universe".to_string(), universe.to_string()),
+        ("weft.dev/peers".to_string(), me.to_string()),
+    ]
+    .into_iter()
+    .collect();
+    let lease = Lease {
+        metadata: ObjectMeta {
+            name: Some(SEED_LEASE.into()),
+            annotations: Some(annotations),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    match api.create(&PostParams::default(), &lease).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(kube_err(e)),
+    }
+    let found = api.get(SEED_LEASE).await.map_err(kube_err)?;
+    let a = found.metadata.annotations.unwrap_or_default();
+    let bad = |reason: String| Error::Seed {
+        path: what.clone().into(),
+        reason,
+    };
+    let get = |k: &str| {
+        a.get(k)
+            .cloned()
+            .ok_or_else(|| bad(format!("annotation {k} missing")))
+    };
+    if get("weft.dev/universe")? != universe.to_string() {
+        return Err(bad(format!(
+            "the cluster's universe is {}, this router's is {universe}",
+            get("weft.dev/universe")?
+        )));
+    }
+    let id = u64::from_str_radix(&get("weft.dev/seed-id")?, 16).map_err(|e| bad(e.to_string()))?;
+    let peers = get("weft.dev/peers")?
+        .split(',')
+        .map(PeerName::new)
+        .collect();
+    Ok(Seed { id, peers })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -47,7 +47,20 @@ pub struct Lab {
     pub dir: PathBuf,
     pub prefix: String,
     pub nodes: Vec<LabNode>,
+    /// `dir` (a shared folder) or `kube` (the lab's real API server) — where routers meet.
+    #[serde(default = "dir_store")]
+    pub store: String,
+    /// The lab API server's port (on the host's and every node's loopback), with `kube`.
+    #[serde(default)]
+    pub api_port: Option<u16>,
 }
+
+fn dir_store() -> String {
+    "dir".into()
+}
+
+/// Identities the lab's API server gets, so that nodes can join later.
+const KUBE_IDENTITIES: usize = 12;
 
 /// Where weft's binaries are: next to the running executable (cargo puts every bin of the
 /// workspace in one target dir), or `WEFT_BIN_DIR`.
@@ -94,8 +107,21 @@ impl Lab {
         std::fs::write(Self::state_file(&self.dir), json).context("writing lab.json")
     }
 
-    /// Builds the switch and `nodes` nodes with a router each, then `pods_per_node` pods each.
+    /// Builds the switch and `nodes` nodes with a router each, then `pods_per_node` pods each;
+    /// routers meet through a shared folder.
     pub fn up(dir: &Path, prefix: &str, nodes: usize, pods_per_node: usize) -> Result<Lab> {
+        Self::up_with(dir, prefix, nodes, pods_per_node, "dir")
+    }
+
+    /// Like [`Lab::up`]; with `store` = `kube` the lab first starts its real API server, applies
+    /// weft's CRD and RBAC, creates a Node object per node, and routers use MeshPeer objects.
+    pub fn up_with(
+        dir: &Path,
+        prefix: &str,
+        nodes: usize,
+        pods_per_node: usize,
+        store: &str,
+    ) -> Result<Lab> {
         Self::down(dir, prefix)?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let (router, cni) = (binary("weft-router")?, binary("weft")?);
@@ -107,7 +133,12 @@ impl Lab {
             dir: dir.to_path_buf(),
             prefix: prefix.into(),
             nodes: Vec::new(),
+            store: store.into(),
+            api_port: None,
         };
+        if store == "kube" {
+            lab.api_port = Some(lab.start_kube()?);
+        }
         for i in 1..=nodes {
             let node = lab.add_node(i, &router, &cni)?;
             lab.nodes.push(node);
@@ -136,6 +167,73 @@ impl Lab {
         Ok(i - 1)
     }
 
+    fn start_kube(&self) -> Result<u16> {
+        let names: Vec<String> = (1..=KUBE_IDENTITIES).map(|i| format!("node{i}")).collect();
+        // On a thread of its own: callers may already be inside an async runtime.
+        let kube_dir = self.dir.join("kube");
+        let env = std::thread::scope(|s| {
+            s.spawn(|| -> Result<crate::kube_env::KubeEnv> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(crate::kube_env::KubeEnv::up(&kube_dir, &names))
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the kube start-up thread panicked"))?
+        })?;
+        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let kubectl = |args: &[&str]| -> Result<()> {
+            let (ok, out) = env.kubectl(args)?;
+            if !ok {
+                bail!("kubectl {}: {out}", args.join(" "));
+            }
+            Ok(())
+        };
+        kubectl(&["apply", "-f", &deploy.join("crds.yaml").to_string_lossy()])?;
+        kubectl(&["apply", "-f", &deploy.join("rbac.yaml").to_string_lossy()])?;
+        kubectl(&[
+            "create",
+            "clusterrolebinding",
+            "weft-lab-routers",
+            "--clusterrole=weft-router",
+            "--group=weft:routers",
+        ])?;
+        kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/meshpeers.weft.dev",
+            "--timeout=30s",
+        ])?;
+        Ok(env.api_port)
+    }
+
+    /// The Node object for a lab node, with its underlay address (there is no kubelet).
+    fn register_node(&self, name: &str, ip: &str) -> Result<()> {
+        let env = crate::kube_env::KubeEnv::existing(&self.dir.join("kube"))?;
+        let manifest = self.dir.join(format!("{name}.node.json"));
+        let node =
+            serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}});
+        std::fs::write(&manifest, node.to_string())?;
+        let (ok, out) = env.kubectl(&["apply", "-f", &manifest.to_string_lossy()])?;
+        if !ok {
+            bail!("creating Node {name}: {out}");
+        }
+        let patch = serde_json::json!({"status": {"addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}]}});
+        let (ok, out) = env.kubectl(&[
+            "patch",
+            "node",
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &patch.to_string(),
+        ])?;
+        if !ok {
+            bail!("setting Node {name}'s addresses: {out}");
+        }
+        Ok(())
+    }
+
     fn add_node(&self, i: usize, router: &Path, cni: &Path) -> Result<LabNode> {
         let name = format!("node{i}");
         let ns = format!("{}-{name}", self.prefix);
@@ -159,6 +257,16 @@ impl Lab {
         netns::ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
 
         let home = self.dir.join(&name);
+        if let Some(port) = self.api_port {
+            if i > KUBE_IDENTITIES {
+                bail!("the lab's API server has identities for {KUBE_IDENTITIES} nodes");
+            }
+            self.register_node(&name, &underlay_ip)?;
+            std::fs::create_dir_all(&home)?;
+            let mut fwd = Command::new(binary("weft-lab")?);
+            fwd.args(["kube-forward", "--netns", &ns, "--port", &port.to_string()]);
+            procs::spawn(fwd, &home.join("forward.log"), &home.join("forward.pid"))?;
+        }
         let (state_dir, cni_bin_dir, conf_dir) = (
             home.join("state"),
             home.join("cni/bin"),
@@ -209,6 +317,13 @@ impl Lab {
                 "--wg-interface",
                 node.wg_interface.as_deref().unwrap_or("weft0"),
             ])
+            .args(["--peer-store", &self.store])
+            .env(
+                "KUBECONFIG",
+                self.dir
+                    .join("kube")
+                    .join(format!("{}.kubeconfig", node.name)),
+            )
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1");
         // Appending keeps the logs of earlier runs (restarts) for post-mortems.
@@ -371,11 +486,15 @@ impl Lab {
         }
         if let Ok(entries) = std::fs::read_dir(dir) {
             for e in entries.flatten() {
-                let pidfile = e.path().join("router.pid");
-                if let Err(e) = procs::stop(&pidfile, Duration::from_secs(5)) {
-                    errors.push(format!("{e:#}"));
+                for pidfile in ["router.pid", "forward.pid"] {
+                    if let Err(e) = procs::stop(&e.path().join(pidfile), Duration::from_secs(5)) {
+                        errors.push(format!("{e:#}"));
+                    }
                 }
             }
+        }
+        if let Err(e) = crate::kube_env::KubeEnv::down(&dir.join("kube")) {
+            errors.push(format!("{e:#}"));
         }
         let mut names = netns::list(&format!("{prefix}-"));
         names.sort_by_key(|n| std::cmp::Reverse(n.len())); // pods, then nodes, then the switch

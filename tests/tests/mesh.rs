@@ -97,3 +97,55 @@ fn three_nodes_mesh_encrypts_pod_traffic_and_a_fourth_joins() {
     converge(&t.lab, "after the restart");
     let _ = &mut t;
 }
+
+#[test]
+fn three_nodes_mesh_on_the_real_api_server() {
+    let prefix = format!("wk{}", std::process::id() % 100_000);
+    let dir = std::env::temp_dir().join(format!("weft-test-{prefix}"));
+    let lab = Lab::up_with(&dir, &prefix, 3, 1, "kube").unwrap_or_else(|e| {
+        let _ = Lab::down(&dir, &prefix);
+        panic!("lab up: {e:#}")
+    });
+    let t = TestLab {
+        lab,
+        dir: dir.clone(),
+        prefix,
+    };
+    let v = weft_tests::check::check(&t.lab).unwrap();
+    println!(
+        "check (kube store): {} pairs, {} failed; {} WireGuard packets, {} plaintext",
+        v.pairs,
+        v.failed.len(),
+        v.wireguard_packets,
+        v.plaintext.len()
+    );
+    assert!(v.ok(), "{v:?}");
+    // Each router publishes its MeshPeer and keeps its status: all three Ready with ranges.
+    let env = weft_tests::kube_env::KubeEnv::existing(&dir.join("kube")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, out) = env.kubectl(&["get", "meshpeers"]).unwrap();
+        let ready = out
+            .lines()
+            .filter(|l| l.contains("10.99.0.1") && l.contains("True") && l.contains("10."))
+            .count();
+        if ok && ready == 3 {
+            println!("{out}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "MeshPeers not all Ready: {out}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (ok, out) = env
+        .kubectl(&[
+            "get",
+            "lease",
+            "-n",
+            "kube-system",
+            "weft-ring-seed",
+            "-o",
+            "jsonpath={.metadata.annotations}",
+        ])
+        .unwrap();
+    assert!(ok && out.contains("weft.dev/seed-id"), "{out}");
+}

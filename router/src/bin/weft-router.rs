@@ -8,9 +8,11 @@ use ipam::{Cidr, Node, PeerName};
 use router::actor::Handle;
 use router::config::Config;
 use router::keys::Identity;
+use router::kube_store::KubeStore;
 use router::mesh::Mesh;
+use router::meshpeer::MeshPeerStatus;
 use router::meshpeer::{Endpoint, EndpointKind, MeshPeerSpec};
-use router::peers::{DirStore, PeerStore};
+use router::peers::{DirStore, Store as PeerStoreKind};
 use router::plan;
 use router::store::Store;
 use router::wg::Device;
@@ -58,6 +60,10 @@ struct Args {
     /// This node's WireGuard endpoint as other nodes reach it (ip:port).
     #[arg(long, env = "WEFT_ENDPOINT")]
     endpoint: std::net::SocketAddr,
+    /// Where nodes find each other: `kube` (MeshPeer objects; KUBECONFIG or in-cluster) or `dir`
+    /// (one file per node in --peers-dir, shared by the nodes: the lab's store).
+    #[arg(long, env = "WEFT_PEER_STORE", default_value = "dir", value_parser = ["dir", "kube"])]
+    peer_store: String,
     /// Use userspace WireGuard even if the kernel has it.
     #[arg(long)]
     userspace_wireguard: bool,
@@ -105,6 +111,48 @@ async fn shutdown_signal(userspace_wg: Option<String>) {
     }
 }
 
+/// Keeps this node's MeshPeer status (short key, owned ranges, Ready) current.
+async fn publish_status(store: KubeStore, handle: Handle, key: String) {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+    let mut last: Option<(Vec<String>, bool)> = None;
+    let mut since = k8s_openapi::jiff::Timestamp::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let Ok(s) = handle.status().await else {
+            continue;
+        };
+        let now = (s.owned.clone(), s.ready);
+        if last.as_ref() == Some(&now) {
+            continue;
+        }
+        if last.as_ref().map(|l| l.1) != Some(s.ready) {
+            since = k8s_openapi::jiff::Timestamp::now();
+        }
+        let status = MeshPeerStatus {
+            short_key: key.chars().take(8).collect(),
+            ranges: s.owned.clone(),
+            conditions: vec![Condition {
+                type_: "Ready".into(),
+                status: if s.ready { "True" } else { "False" }.into(),
+                reason: if s.ready { "Ready" } else { "NotReady" }.into(),
+                message: if s.ready {
+                    "node network up".into()
+                } else {
+                    "waiting for address space".into()
+                },
+                last_transition_time: Time(since),
+                observed_generation: None,
+            }],
+            handshakes: None,
+        };
+        match store.publish_status(&s.node, &status).await {
+            Ok(()) => last = Some(now),
+            Err(e) => warn!("{e}"),
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
@@ -145,8 +193,22 @@ async fn main() -> Result<()> {
             cfg.universe
         );
     }
+    let kube = if a.peer_store == "kube" {
+        Some(
+            kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (KUBECONFIG or in-cluster)")?,
+        )
+    } else {
+        None
+    };
     if !node.ring().is_seeded() {
-        let seed = router::seed::decide(&cfg.peers_dir, &me, cfg.universe, rand::random())?;
+        let seed = match &kube {
+            Some(client) => {
+                router::seed::decide_kube(client.clone(), &me, cfg.universe, rand::random()).await?
+            }
+            None => router::seed::decide(&cfg.peers_dir, &me, cfg.universe, rand::random())?,
+        };
         if seed.peers.contains(&me) {
             node.seed(seed.clone())?;
             info!(%seed, "seeded the IPAM ring");
@@ -176,11 +238,15 @@ async fn main() -> Result<()> {
         location: None,
         persistent_keepalive: None,
     };
-    let peers = DirStore::new(&cfg.peers_dir)?;
+    let peers = match &kube {
+        Some(client) => PeerStoreKind::Kube(Box::new(KubeStore::new(client.clone()))),
+        None => PeerStoreKind::Dir(DirStore::new(&cfg.peers_dir)?),
+    };
     peers.publish(&cfg.node, &me_spec).await?;
     info!(key = %identity.public_base64(), mesh = %identity.mesh_address(), endpoint = %a.endpoint, "published MeshPeer");
     let (inbound_tx, mut inbound_rx) = tokio::sync::mpsc::channel(256);
     let index = Arc::new(RwLock::new(BTreeMap::new()));
+    let me_spec_key = me_spec.public_key.clone();
     let me_node = plan::Node {
         name: cfg.node.clone(),
         spec: me_spec,
@@ -198,7 +264,7 @@ async fn main() -> Result<()> {
         }
     });
     let h = handle.clone();
-    let mut watch = peers.watch(Duration::from_millis(100));
+    let mut watch = peers.watch();
     tokio::spawn(async move {
         loop {
             let snapshot = watch.borrow_and_update().clone();
@@ -208,6 +274,13 @@ async fn main() -> Result<()> {
             }
         }
     });
+    if let PeerStoreKind::Kube(store) = &peers {
+        tokio::spawn(publish_status(
+            (**store).clone(),
+            handle.clone(),
+            me_spec_key.clone(),
+        ));
+    }
     let h = handle.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));

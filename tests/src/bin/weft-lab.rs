@@ -37,6 +37,10 @@ enum Top {
         nodes: usize,
         #[arg(long, default_value_t = 2)]
         pods_per_node: usize,
+        /// Where routers meet: `dir` (a shared folder, no Kubernetes) or `kube` (the lab's real
+        /// API server: MeshPeer objects, Node objects, RBAC).
+        #[arg(long, default_value = "dir", value_parser = ["dir", "kube"])]
+        store: String,
     },
     /// Nodes, their sockets and CNI files, and pods with their addresses.
     Status {
@@ -50,6 +54,14 @@ enum Top {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// (internal) forwards 127.0.0.1:<port> inside a node namespace to the lab API server.
+    #[command(hide = true)]
+    KubeForward {
+        #[arg(long)]
+        netns: String,
+        #[arg(long)]
+        port: u16,
+    },
     /// (internal) the timing loop of `bench cni`, run inside a node namespace.
     #[command(hide = true)]
     BenchDriver {
@@ -108,8 +120,15 @@ async fn main() -> Result<()> {
         Top::Up {
             nodes,
             pods_per_node,
+            store,
         } => {
-            let lab = Lab::up(&lab_dir, &cli.prefix, nodes, pods_per_node)?;
+            let lab = Lab::up_with(&lab_dir, &cli.prefix, nodes, pods_per_node, &store)?;
+            if lab.store == "kube" {
+                eprintln!(
+                    "export KUBECONFIG={}",
+                    lab_dir.join("kube/admin.kubeconfig").display()
+                );
+            }
             print_lab(&lab);
         }
         Top::Status { output } => {
@@ -154,6 +173,7 @@ async fn main() -> Result<()> {
             println!("hand-built userspace WireGuard tunnel: {reference:.3} Gbit/s");
             println!("ratio throughput={:.2}", weft / reference);
         }
+        Top::KubeForward { netns, port } => weft_tests::forward::run(&netns, port)?,
         Top::BenchDriver {
             plugin,
             conf,
