@@ -1,5 +1,5 @@
 //! `weft-lab kube-forward`: makes the lab's kube-apiserver (on the host's loopback) reachable
-//! from inside a node namespace at the same address, 127.0.0.1:<port> — so one kubeconfig works
+//! from inside a node namespace at the same address, `127.0.0.1:<port>` — so one kubeconfig works
 //! for the host and every node, and nothing is added to the host's network.
 //!
 //! The listening socket is created while the process is in the node namespace; the process then

@@ -27,34 +27,9 @@ fn converge(lab: &Lab, when: &str) {
     }
 }
 
-#[test]
-fn three_nodes_mesh_encrypts_pod_traffic_and_a_fourth_joins() {
-    let prefix = format!("wm{}", std::process::id() % 100_000);
-    let dir = std::env::temp_dir().join(format!("weft-test-{prefix}"));
-    let lab = Lab::up(&dir, &prefix, 3, 1).unwrap_or_else(|e| {
-        let _ = Lab::down(&dir, &prefix);
-        panic!("lab up: {e:#}")
-    });
-    let mut t = TestLab {
-        lab,
-        dir,
-        prefix: prefix.clone(),
-    };
-
-    // Gossip converges within a few rounds: wait for all-pairs reachability first.
-    converge(&t.lab, "after up");
-
-    // All-pairs pod ping across nodes, while capturing on the underlay switch.
-    let v = weft_tests::check::check(&t.lab).unwrap();
-    println!(
-        "check: {} pairs, {} failed; underlay: {} WireGuard packets, {} plaintext pod packets",
-        v.pairs,
-        v.failed.len(),
-        v.wireguard_packets,
-        v.plaintext.len()
-    );
-    assert!(v.ok(), "{v:?}");
-
+/// What every mesh must do: `wg show` lists the other nodes with recent handshakes; a fourth
+/// node joins and converges; a router restart keeps its pods' addresses and the mesh comes back.
+fn peers_join_and_restart(t: &mut TestLab) {
     // wg show in each node: the two others, with a recent handshake.
     for n in &t.lab.nodes {
         let ifname = n.wg_interface.clone().unwrap();
@@ -95,7 +70,37 @@ fn three_nodes_mesh_encrypts_pod_traffic_and_a_fourth_joins() {
     let after: Vec<String> = status.pods.iter().map(|p| p.ip.to_string()).collect();
     assert_eq!(before, after);
     converge(&t.lab, "after the restart");
-    let _ = &mut t;
+}
+
+#[test]
+fn three_nodes_mesh_encrypts_pod_traffic_and_a_fourth_joins() {
+    let prefix = format!("wm{}", std::process::id() % 100_000);
+    let dir = std::env::temp_dir().join(format!("weft-test-{prefix}"));
+    let lab = Lab::up(&dir, &prefix, 3, 1).unwrap_or_else(|e| {
+        let _ = Lab::down(&dir, &prefix);
+        panic!("lab up: {e:#}")
+    });
+    let mut t = TestLab {
+        lab,
+        dir,
+        prefix: prefix.clone(),
+    };
+
+    // Gossip converges within a few rounds: wait for all-pairs reachability first.
+    converge(&t.lab, "after up");
+
+    // All-pairs pod ping across nodes, while capturing on the underlay switch.
+    let v = weft_tests::check::check(&t.lab).unwrap();
+    println!(
+        "check: {} pairs, {} failed; underlay: {} WireGuard packets, {} plaintext pod packets",
+        v.pairs,
+        v.failed.len(),
+        v.wireguard_packets,
+        v.plaintext.len()
+    );
+    assert!(v.ok(), "{v:?}");
+
+    peers_join_and_restart(&mut t);
 }
 
 #[test]
@@ -148,4 +153,6 @@ fn three_nodes_mesh_on_the_real_api_server() {
         ])
         .unwrap();
     assert!(ok && out.contains("weft.dev/seed-id"), "{out}");
+    let mut t = t;
+    peers_join_and_restart(&mut t);
 }

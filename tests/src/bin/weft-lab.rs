@@ -54,7 +54,7 @@ enum Top {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
-    /// (internal) forwards 127.0.0.1:<port> inside a node namespace to the lab API server.
+    /// (internal) forwards `127.0.0.1:<port>` inside a node namespace to the lab API server.
     #[command(hide = true)]
     KubeForward {
         #[arg(long)]
