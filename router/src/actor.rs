@@ -83,6 +83,8 @@ struct Actor {
     /// Mesh address → node name, shared with the gossip receiver to authenticate senders.
     index:
         std::sync::Arc<std::sync::RwLock<std::collections::BTreeMap<std::net::Ipv6Addr, String>>>,
+    /// The last refused gossip (peer and reason), reported in status and the MeshPeer.
+    refused: Option<String>,
 }
 
 impl Actor {
@@ -245,6 +247,7 @@ impl Actor {
             ring_entries: ring.entries().len(),
             ring_peers,
             pods,
+            refused_gossip: self.refused.clone(),
         }
     }
 
@@ -315,7 +318,10 @@ impl Actor {
                 }
                 self.send_all(out).await;
             }
-            Err(e) => warn!(peer = %inbound.from, "refused gossip: {e}"),
+            Err(e) => {
+                warn!(peer = %inbound.from, "refused gossip: {e}");
+                self.refused = Some(format!("from {}: {e}", inbound.from));
+            }
         }
     }
 
@@ -456,6 +462,7 @@ impl Handle {
                 net: None,
                 mesh,
                 index,
+                refused: None,
             }
             .run(rx),
         );

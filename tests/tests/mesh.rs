@@ -153,6 +153,16 @@ fn three_nodes_mesh_on_the_real_api_server() {
         ])
         .unwrap();
     assert!(ok && out.contains("weft.dev/seed-id"), "{out}");
+    let (ok, out) = env
+        .kubectl(&[
+            "get",
+            "meshpeer",
+            "node1",
+            "-o",
+            r#"jsonpath={.status.conditions[?(@.type=="RingConsistent")].status}"#,
+        ])
+        .unwrap();
+    assert!(ok && out.trim() == "True", "RingConsistent: {out}");
     let mut t = t;
     peers_join_and_restart(&mut t);
 }

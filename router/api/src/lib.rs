@@ -105,6 +105,10 @@ pub struct Status {
     pub ring_entries: usize,
     pub ring_peers: Vec<RingPeer>,
     pub pods: Vec<PodAddress>,
+    /// The last gossip this router refused and why (another cluster's ring, a change to one of
+    /// our ranges): the ring is then not consistent across the mesh.
+    #[serde(default)]
+    pub refused_gossip: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -114,7 +114,7 @@ async fn shutdown_signal(userspace_wg: Option<String>) {
 /// Keeps this node's MeshPeer status (short key, owned ranges, Ready) current.
 async fn publish_status(store: KubeStore, handle: Handle, key: String) {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-    let mut last: Option<(Vec<String>, bool)> = None;
+    let mut last: Option<(Vec<String>, bool, Option<String>)> = None;
     let mut since = k8s_openapi::jiff::Timestamp::now();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
@@ -122,7 +122,7 @@ async fn publish_status(store: KubeStore, handle: Handle, key: String) {
         let Ok(s) = handle.status().await else {
             continue;
         };
-        let now = (s.owned.clone(), s.ready);
+        let now = (s.owned.clone(), s.ready, s.refused_gossip.clone());
         if last.as_ref() == Some(&now) {
             continue;
         }
@@ -132,18 +132,42 @@ async fn publish_status(store: KubeStore, handle: Handle, key: String) {
         let status = MeshPeerStatus {
             short_key: key.chars().take(8).collect(),
             ranges: s.owned.clone(),
-            conditions: vec![Condition {
-                type_: "Ready".into(),
-                status: if s.ready { "True" } else { "False" }.into(),
-                reason: if s.ready { "Ready" } else { "NotReady" }.into(),
-                message: if s.ready {
-                    "node network up".into()
-                } else {
-                    "waiting for address space".into()
+            conditions: vec![
+                Condition {
+                    type_: "Ready".into(),
+                    status: if s.ready { "True" } else { "False" }.into(),
+                    reason: if s.ready { "Ready" } else { "NotReady" }.into(),
+                    message: if s.ready {
+                        "node network up"
+                    } else {
+                        "waiting for address space"
+                    }
+                    .into(),
+                    last_transition_time: Time(since),
+                    observed_generation: None,
                 },
-                last_transition_time: Time(since),
-                observed_generation: None,
-            }],
+                Condition {
+                    type_: "RingConsistent".into(),
+                    status: if s.refused_gossip.is_none() {
+                        "True"
+                    } else {
+                        "False"
+                    }
+                    .into(),
+                    reason: if s.refused_gossip.is_none() {
+                        "Merged"
+                    } else {
+                        "GossipRefused"
+                    }
+                    .into(),
+                    message: s
+                        .refused_gossip
+                        .clone()
+                        .unwrap_or_else(|| "every ring received was merged".into()),
+                    last_transition_time: Time(since),
+                    observed_generation: None,
+                },
+            ],
             handshakes: None,
         };
         match store.publish_status(&s.node, &status).await {
