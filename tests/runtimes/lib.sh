@@ -315,3 +315,17 @@ purge_cni_state() {
 	done
 	return 0
 }
+
+# The common end of every script's cleanup: undo global changes, unmount and remove the run's
+# temp dir (unless WEFT_RT_KEEP=1), and exit with the run's status.
+finish_cleanup() {
+	restore_ip_forward
+	remove_created_dirs
+	awk -v t="$TMP/" 'index($2, t) == 1 {print $2}' /proc/mounts | sort -r | xargs -r -n1 umount -l
+	if [ "${WEFT_RT_KEEP:-0}" = 1 ]; then
+		say "kept $TMP"
+	else
+		rm -rf "$TMP"
+	fi
+	exit "$1"
+}

@@ -40,15 +40,7 @@ cleanup() {
 	purge_net_leftovers
 	# shellcheck disable=SC2046 # one id a word
 	purge_cni_state "${ID_A:-}" "${ID_B:-}" $(ids_from_trace)
-	restore_ip_forward
-	remove_created_dirs
-	awk -v t="$TMP/" 'index($2, t) == 1 {print $2}' /proc/mounts | sort -r | xargs -r -n1 umount -l
-	if [ "${WEFT_RT_KEEP:-0}" = 1 ]; then
-		say "kept $TMP"
-	else
-		rm -rf "$TMP"
-	fi
-	exit $rc
+	finish_cleanup "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
