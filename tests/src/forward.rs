@@ -26,6 +26,10 @@ pub fn run(netns: &str, port: u16) -> Result<()> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port))
         .with_context(|| format!("listening on 127.0.0.1:{port} in {netns}"))?;
     setns(home.as_fd(), CloneFlags::CLONE_NEWNET).context("returning to our netns")?;
+    // The lab waits for this line before it starts the node's router.
+    println!("listening on 127.0.0.1:{port} in {netns}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
     for conn in listener.incoming() {
         let Ok(down) = conn else { continue };
         std::thread::spawn(move || {

@@ -265,7 +265,21 @@ impl Lab {
             std::fs::create_dir_all(&home)?;
             let mut fwd = Command::new(binary("weft-lab")?);
             fwd.args(["kube-forward", "--netns", &ns, "--port", &port.to_string()]);
-            procs::spawn(fwd, &home.join("forward.log"), &home.join("forward.pid"))?;
+            let log = home.join("forward.log");
+            procs::spawn(fwd, &log, &home.join("forward.pid"))?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("listening on")
+            {
+                if Instant::now() > deadline {
+                    bail!(
+                        "the API forwarder for {name} did not start: {}",
+                        log.display()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
         let (state_dir, cni_bin_dir, conf_dir) = (
             home.join("state"),

@@ -229,7 +229,27 @@ async fn main() -> Result<()> {
     if !node.ring().is_seeded() {
         let seed = match &kube {
             Some(client) => {
-                router::seed::decide_kube(client.clone(), &me, cfg.universe, rand::random()).await?
+                // The API server may not answer yet (a node booting, a control plane restarting):
+                // retry for a while rather than exit at once.
+                let mut tries = 0;
+                loop {
+                    match router::seed::decide_kube(
+                        client.clone(),
+                        &me,
+                        cfg.universe,
+                        rand::random(),
+                    )
+                    .await
+                    {
+                        Ok(seed) => break seed,
+                        Err(e) if tries < 30 => {
+                            warn!("deciding the ring seed: {e}; retrying");
+                            tries += 1;
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
             }
             None => router::seed::decide(&cfg.peers_dir, &me, cfg.universe, rand::random())?,
         };
