@@ -85,6 +85,8 @@ struct Actor {
         std::sync::Arc<std::sync::RwLock<std::collections::BTreeMap<std::net::Ipv6Addr, String>>>,
     /// The last refused gossip (peer and reason), reported in status and the MeshPeer.
     refused: Option<String>,
+    /// When we last asked a peer for space (one request in flight at a time).
+    asked_at: Option<std::time::Instant>,
 }
 
 impl Actor {
@@ -307,14 +309,9 @@ impl Actor {
                     // We granted space or received it: tell everyone now, not at the next tick,
                     // so their AllowedIPs and routes follow at once.
                     out.extend(self.broadcast());
-                } else if self.node.ring().is_seeded() && self.node.owned().is_empty() {
+                } else {
                     // First ring seen and no space yet: ask right away.
-                    out.extend(
-                        self.node
-                            .space_request(&mut rand::thread_rng())
-                            .into_iter()
-                            .take(1),
-                    );
+                    out.extend(self.ask_for_space());
                 }
                 self.send_all(out).await;
             }
@@ -323,6 +320,27 @@ impl Actor {
                 self.refused = Some(format!("from {}: {e}", inbound.from));
             }
         }
+    }
+
+    /// A space request to the best candidate, if we own nothing and have not asked in the last
+    /// few seconds: one request at a time, or several donors would each grant a piece.
+    fn ask_for_space(&mut self) -> Vec<ipam::Outgoing> {
+        let recently = self
+            .asked_at
+            .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(3));
+        if !self.node.ring().is_seeded() || !self.node.owned().is_empty() || recently {
+            return Vec::new();
+        }
+        let out: Vec<ipam::Outgoing> = self
+            .node
+            .space_request(&mut rand::thread_rng())
+            .into_iter()
+            .take(1)
+            .collect();
+        if !out.is_empty() {
+            self.asked_at = Some(std::time::Instant::now());
+        }
+        out
     }
 
     /// Our ring for every mesh peer.
@@ -353,18 +371,16 @@ impl Actor {
                     .cloned()
                     .collect();
             let msg = self.node.gossip();
-            let mut out: Vec<ipam::Outgoing> = targets
+            targets
                 .into_iter()
                 .map(|to| ipam::Outgoing {
                     to,
                     msg: msg.clone(),
                 })
-                .collect();
-            if self.node.ring().is_seeded() && self.node.owned().is_empty() {
-                out.extend(self.node.space_request(&mut rng).into_iter().take(1));
-            }
-            out
+                .collect::<Vec<_>>()
         };
+        let mut out = out;
+        out.extend(self.ask_for_space());
         self.send_all(out).await;
     }
 
@@ -463,6 +479,7 @@ impl Handle {
                 mesh,
                 index,
                 refused: None,
+                asked_at: None,
             }
             .run(rx),
         );
