@@ -82,8 +82,8 @@ pub enum SimError {
         from: PeerName,
         source: Error,
     },
-    #[error("no convergence within {0} quiet rounds")]
-    NoConvergence(usize),
+    #[error("no convergence within {0} quiet rounds; peers without space or waiting: {1:?}")]
+    NoConvergence(usize, Vec<String>),
     #[error("{0}")]
     Violation(String),
 }
@@ -479,20 +479,23 @@ pub fn run(cfg: Config) -> Result<Report, SimError> {
             break;
         }
         if sim.round > last_event + cfg.max_quiet_rounds {
-            if std::env::var_os("WEFT_SIM_DEBUG").is_some() {
-                for p in sim.peers.iter().filter(|p| p.live) {
-                    eprintln!(
-                        "{} waiting={} owned={:?} free={} ring_entries={} to_ask={}",
+            // Name the peers that kept it from converging, in the error rather than on stderr:
+            // this crate does no I/O.
+            let stuck: Vec<String> = sim
+                .peers
+                .iter()
+                .filter(|p| p.live && (p.waiting || p.node.owned().is_empty()))
+                .take(10)
+                .map(|p| {
+                    format!(
+                        "{} (waiting={}, owned={:?})",
                         p.node.me(),
                         p.waiting,
-                        p.node.owned(),
-                        p.node.free(),
-                        p.node.ring().entries().len(),
-                        p.to_ask.len()
-                    );
-                }
-            }
-            return Err(SimError::NoConvergence(cfg.max_quiet_rounds));
+                        p.node.owned()
+                    )
+                })
+                .collect();
+            return Err(SimError::NoConvergence(cfg.max_quiet_rounds, stuck));
         }
         if waiting {
             last_event = last_event.max(sim.round);
