@@ -473,10 +473,15 @@ impl Lab {
         Ok(pod)
     }
 
-    /// Stops every router, removes every namespace with the lab's prefix and the lab dir.
+    /// Stops every router (and a real cluster's daemons), removes every namespace with the lab's
+    /// prefix and the lab dir.
     /// Keeps going after a failure and reports them all.
     pub fn down(dir: &Path, prefix: &str) -> Result<()> {
         let mut errors = Vec::new();
+        // A real cluster's daemons (`up --cluster`) go first: they live in the namespaces below.
+        if let Err(e) = crate::cluster::stop(dir, prefix) {
+            errors.push(format!("{e:#}"));
+        }
         // Release the pods' addresses properly while the routers still run.
         if let Ok(lab) = Self::load(dir) {
             for (n, node) in lab.nodes.iter().enumerate() {

@@ -1,17 +1,29 @@
 //! The lab cluster's credentials: a CA, the API server's serving certificate and the
-//! service-account signing key. Tokens (not client certificates) identify users, which keeps
-//! per-node identities one line each in the token file.
+//! service-account signing key. Tokens identify most users (one line each in the token file);
+//! client certificates identify those that Kubernetes expects to present one: kubelets
+//! (`system:node:<name>` in `system:nodes`, for the Node authorizer) and the API server itself
+//! when it calls kubelets.
 
 use std::net::IpAddr;
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 
 pub struct Pki {
     pub ca_pem: String,
+}
+
+/// A client certificate to issue: written as `<file>.crt` and `<file>.key`.
+pub struct Client {
+    pub file: String,
+    /// The user name Kubernetes sees.
+    pub common_name: String,
+    /// The group Kubernetes sees (one: rcgen keeps one value per attribute type).
+    pub organization: Option<String>,
 }
 
 fn write_private(path: &Path, contents: &str) -> Result<()> {
@@ -28,9 +40,9 @@ fn write_private(path: &Path, contents: &str) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// Writes `ca.crt`, `apiserver.crt`/`.key` (valid for `ips` and the usual service names) and
-/// `sa.key`/`sa.pub` into `dir`.
-pub fn generate(dir: &Path, ips: &[IpAddr]) -> Result<Pki> {
+/// Writes `ca.crt`, `apiserver.crt`/`.key` (valid for `ips` and the usual service names),
+/// `sa.key`/`sa.pub`, and a certificate and key per entry of `clients` into `dir`.
+pub fn generate(dir: &Path, ips: &[IpAddr], clients: &[Client]) -> Result<Pki> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let ca_key = KeyPair::generate().context("generating the CA key")?;
     let mut ca = CertificateParams::new(Vec::<String>::new()).context("CA parameters")?;
@@ -63,6 +75,31 @@ pub fn generate(dir: &Path, ips: &[IpAddr]) -> Result<Pki> {
         .context("signing the serving certificate")?;
 
     let sa_key = KeyPair::generate().context("generating the service-account key")?;
+
+    for client in clients {
+        let mut params = CertificateParams::new(Vec::<String>::new())
+            .with_context(|| format!("{} certificate parameters", client.file))?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, client.common_name.as_str());
+        if let Some(org) = &client.organization {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationName, org.as_str());
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key =
+            KeyPair::generate().with_context(|| format!("generating the {} key", client.file))?;
+        let cert = params
+            .signed_by(&key, &issuer)
+            .with_context(|| format!("signing the {} certificate", client.file))?;
+        let crt = dir.join(format!("{}.crt", client.file));
+        std::fs::write(&crt, cert.pem()).with_context(|| format!("writing {}", crt.display()))?;
+        write_private(
+            &dir.join(format!("{}.key", client.file)),
+            &key.serialize_pem(),
+        )?;
+    }
 
     let ca_pem = ca_cert.pem();
     std::fs::write(dir.join("ca.crt"), &ca_pem).context("writing ca.crt")?;

@@ -1,10 +1,12 @@
 //! weft-lab: simulated weft nodes on one machine, in network namespaces (`up`, `status`,
-//! `down`), and the real Kubernetes API server the lab's nodes use (`kube up|down|status`).
+//! `down`), the real Kubernetes API server the lab's nodes use (`kube up|down|status`), and a
+//! real multi-node Kubernetes cluster (`up --cluster`: kubelet + containerd per node namespace).
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use weft_tests::cluster::Cluster;
 use weft_tests::kube_env::KubeEnv;
 use weft_tests::lab::Lab;
 
@@ -31,10 +33,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Top {
-    /// Create N nodes (namespaces on a shared switch), a weft-router in each, M pods per node.
+    /// Create N nodes (namespaces on a shared switch), a weft-router in each, M pods per node;
+    /// with --cluster, a real Kubernetes cluster instead (no weft: apply deploy/weft.yaml).
     Up {
         #[arg(long, default_value_t = 1)]
         nodes: usize,
+        /// A real cluster: control plane in its own namespace, containerd + kubelet + kube-proxy
+        /// per node, images imported; ends with `export KUBECONFIG=...`.
+        #[arg(long, conflicts_with_all = ["pods_per_node", "store"])]
+        cluster: bool,
         #[arg(long, default_value_t = 2)]
         pods_per_node: usize,
         /// Where routers meet: `dir` (a shared folder, no Kubernetes) or `kube` (the lab's real
@@ -61,6 +68,16 @@ enum Top {
         netns: String,
         #[arg(long)]
         port: u16,
+    },
+    /// (internal) forwards the host's `127.0.0.1:<port>` to `<to>` inside a namespace.
+    #[command(hide = true)]
+    ClusterForward {
+        #[arg(long)]
+        netns: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        to: std::net::SocketAddr,
     },
     /// (internal) the timing loop of `bench cni`, run inside a node namespace.
     #[command(hide = true)]
@@ -119,8 +136,18 @@ async fn main() -> Result<()> {
     match cli.command {
         Top::Up {
             nodes,
+            cluster: true,
+            ..
+        } => {
+            let cluster = Cluster::up(&lab_dir, &cli.prefix, nodes)?;
+            print_cluster(&cluster);
+            println!("export KUBECONFIG={}", cluster.kubeconfig.display());
+        }
+        Top::Up {
+            nodes,
             pods_per_node,
             store,
+            ..
         } => {
             let lab = Lab::up_with(&lab_dir, &cli.prefix, nodes, pods_per_node, &store)?;
             if lab.store == "kube" {
@@ -132,6 +159,14 @@ async fn main() -> Result<()> {
             print_lab(&lab);
         }
         Top::Status { output } => {
+            if let Some(cluster) = Cluster::load(&lab_dir)? {
+                if output == "json" {
+                    println!("{}", serde_json::to_string_pretty(&cluster)?);
+                } else {
+                    print_cluster(&cluster);
+                }
+                return Ok(());
+            }
             let lab = Lab::load(&lab_dir)?;
             if output == "json" {
                 println!(
@@ -174,6 +209,9 @@ async fn main() -> Result<()> {
             println!("ratio throughput={:.2}", weft / reference);
         }
         Top::KubeForward { netns, port } => weft_tests::forward::run(&netns, port)?,
+        Top::ClusterForward { netns, port, to } => {
+            weft_tests::cluster::forward::run(&netns, port, to)?
+        }
         Top::BenchDriver {
             plugin,
             conf,
@@ -262,5 +300,35 @@ fn print_lab(lab: &Lab) {
         for p in &n.pods {
             println!("  pod {:<8} {:<16} netns {}", p.name, p.ip, p.netns);
         }
+    }
+}
+
+fn print_cluster(c: &Cluster) {
+    eprintln!(
+        "API server {} (in-cluster {}), control plane in netns {}",
+        c.api_server, c.api_server_internal, c.control_plane_netns
+    );
+    for n in &c.nodes {
+        eprintln!(
+            "{}  netns {}  underlay {}  containerd {}",
+            n.name,
+            n.netns,
+            n.underlay_ip,
+            n.containerd_socket.display()
+        );
+        eprintln!(
+            "  logs: {} {} {}",
+            n.kubelet_log.display(),
+            n.containerd_log.display(),
+            n.kube_proxy_log.display()
+        );
+        eprintln!(
+            "  /etc/cni/net.d = {}  /opt/cni/bin = {}",
+            n.cni_conf_dir.display(),
+            n.cni_bin_dir.display()
+        );
+    }
+    for (what, s) in &c.timings {
+        eprintln!("  {s:6.1}s  {what}");
     }
 }
