@@ -13,6 +13,9 @@
 # version's go.mod, so bumping the version regenerates it. kubectl is built
 # from the same module as `go build k8s.io/kubernetes/cmd/kubectl`; a `tool`
 # directive (Go >= 1.24) makes `go mod tidy` keep go.sum complete for it.
+# The same goes for kubelet, kube-proxy, kube-controller-manager and
+# kube-scheduler, which tests/cluster/build.sh builds from this module. One
+# `tool` line each, not a block: both build scripts grep for the exact lines.
 #
 # etcd: go.etcd.io/etcd/server/v3 requires its sibling modules at the same
 # version, so no replace is needed; we pin all go.etcd.io/etcd/* modules to the
@@ -89,7 +92,9 @@ apiserver)
 		echo
 		echo "require k8s.io/kubernetes $version"
 		echo
-		echo "tool k8s.io/kubernetes/cmd/kubectl"
+		for t in kubectl kubelet kube-proxy kube-controller-manager kube-scheduler; do
+			echo "tool k8s.io/kubernetes/cmd/$t"
+		done
 		echo
 		echo "replace ("
 		echo "$replaces"
