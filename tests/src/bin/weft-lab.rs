@@ -328,7 +328,7 @@ fn print_cluster(c: &Cluster) {
             n.cni_bin_dir.display()
         );
     }
-    for (what, s) in &c.timings {
-        eprintln!("  {s:6.1}s  {what}");
+    for p in &c.timings {
+        eprintln!("  {:6.1}s  {}", p.seconds, p.phase);
     }
 }

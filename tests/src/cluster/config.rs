@@ -29,7 +29,8 @@ pub struct NodeFiles {
     pub containerd_socket: PathBuf,
     /// containerd's `opt` folder (default /opt/containerd, which would be the host's).
     pub containerd_opt: PathBuf,
-    pub kubelet_root: PathBuf,
+    /// Flexvolume plugins (default /usr/libexec/kubernetes/..., which kubelet would create).
+    pub volume_plugin_dir: PathBuf,
     pub kubelet_kubeconfig: PathBuf,
     pub kube_proxy_kubeconfig: PathBuf,
     pub ca_file: PathBuf,
@@ -46,7 +47,7 @@ impl NodeFiles {
             containerd_state: home.join("containerd/state"),
             containerd_socket: home.join("containerd/containerd.sock"),
             containerd_opt: home.join("containerd/opt"),
-            kubelet_root: home.join("kubelet"),
+            volume_plugin_dir: home.join("kubelet-plugins/volume/exec"),
             kubelet_kubeconfig: kube.join(format!("kubelet-{name}.kubeconfig")),
             kube_proxy_kubeconfig: kube.join("kube-proxy.kubeconfig"),
             ca_file: kube.join("pki/ca.crt"),
@@ -141,6 +142,7 @@ pub fn kubelet(f: &NodeFiles) -> serde_json::Value {
         "rotateCertificates": false,
         "serverTLSBootstrap": false,
         "registerNode": true,
+        "volumePluginDir": f.volume_plugin_dir,
     })
 }
 
@@ -156,6 +158,7 @@ pub fn kube_proxy(f: &NodeFiles) -> serde_json::Value {
         "healthzBindAddress": "0.0.0.0:10256",
         "metricsBindAddress": "127.0.0.1:10249",
         "mode": "iptables",
+        "nodePortAddresses": ["primary"],
         "clusterCIDR": CLUSTER_CIDR,
         "conntrack": {
             "maxPerCore": 0,

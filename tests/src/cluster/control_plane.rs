@@ -145,6 +145,11 @@ pub fn start(
                 format!("--root-ca-file={}", pki.join("ca.crt").display()),
                 // weft does IPAM: no node CIDRs.
                 "--allocate-node-cidrs=false".into(),
+                // Its default is under /usr/libexec, which it would create on the host.
+                format!(
+                    "--flex-volume-plugin-dir={}",
+                    home.join("flexvolume").display()
+                ),
                 format!("--service-cluster-ip-range={}", config::SERVICE_CIDR),
                 "--v=1".into(),
             ],

@@ -55,8 +55,15 @@ pub struct Cluster {
     /// Where etcd's and kube-apiserver's logs are, and controller-manager's and scheduler's.
     pub control_plane_logs: Vec<PathBuf>,
     pub nodes: Vec<ClusterNode>,
-    /// Seconds from the start of `up` at which each phase ended.
-    pub timings: Vec<(String, f64)>,
+    /// When each phase of `up` ended.
+    pub timings: Vec<Phase>,
+}
+
+/// A phase of `up` and the seconds from its start at which it ended.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Phase {
+    pub phase: String,
+    pub seconds: f64,
 }
 
 impl Cluster {
@@ -113,7 +120,10 @@ impl Cluster {
         let mut mark = |what: &str| {
             let s = t0.elapsed().as_secs_f64();
             eprintln!("[{s:6.1}s] {what}");
-            timings.push((what.to_string(), s));
+            timings.push(Phase {
+                phase: what.to_string(),
+                seconds: s,
+            });
         };
         kube_env::binaries()?;
         let cluster_dir = kube_env::script_dir("cluster/build.sh", Vec::<&str>::new())?;

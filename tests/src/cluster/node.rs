@@ -4,7 +4,8 @@
 //! The holder (`unshare --mount --uts --propagation slave`, then `nsenter --net`) sets the
 //! hostname, bind-mounts the node's own folders over the paths a DaemonSet's hostPath volumes
 //! use (/etc/cni/net.d, /opt/cni/bin, /var/lib/cni, /run/weft, /var/lib/weft, /var/log/pods,
-//! /var/log/containers, and /run/containerd for shim sockets), and shows kubelet the kernel
+//! /var/log/containers, /var/lib/kubelet, and /run/containerd for shim sockets), and shows
+//! kubelet the kernel
 //! tunables it wants (files over /proc/sys/...: otherwise each kubelet rewrites the host's
 //! vm.overcommit_memory, kernel.panic and kernel.panic_on_oops), then sleeps. Every daemon
 //! joins its namespaces with `nsenter --target <holder>`. Mounts stay inside the node: the
@@ -23,7 +24,10 @@ use super::{cgroup, wait_for_line, SWITCH_GATEWAY};
 use crate::{netns, procs};
 
 /// A node's folder (under its home) and where the node sees it.
-pub const BINDS: [(&str, &str); 8] = [
+pub const BINDS: [(&str, &str); 9] = [
+    // kubelet keeps a few fixed paths here whatever its --root-dir (the device-plugin socket,
+    // the default --cert-dir): the whole folder is the node's own.
+    ("var-lib-kubelet", "/var/lib/kubelet"),
     ("etc-cni-net.d", "/etc/cni/net.d"),
     ("opt-cni-bin", "/opt/cni/bin"),
     ("var-lib-cni", "/var/lib/cni"),
@@ -301,14 +305,13 @@ impl ClusterNode {
             &kubelet_conf,
             serde_json::to_string_pretty(&config::kubelet(&files))?,
         )?;
-        std::fs::create_dir_all(&files.kubelet_root)?;
         self.spawn(
             "kubelet",
             &bins.join("kubelet"),
             &[
                 format!("--config={}", kubelet_conf.display()),
                 format!("--kubeconfig={}", files.kubelet_kubeconfig.display()),
-                format!("--root-dir={}", files.kubelet_root.display()),
+                "--root-dir=/var/lib/kubelet".into(),
                 format!("--hostname-override={}", self.name),
                 format!("--node-ip={}", self.underlay_ip),
                 "--v=2".into(),
