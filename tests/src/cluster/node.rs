@@ -269,12 +269,15 @@ impl ClusterNode {
         }
     }
 
+    /// Runs ctr against the node's containerd, in the node's tracking cgroup (so that `down`
+    /// also ends an import a crashed `up` left behind).
     fn ctr(&self, cluster_dir: &Path, args: &[&str]) -> Result<std::process::Output> {
-        Command::new(cluster_dir.join("bin/ctr"))
-            .arg("--address")
-            .arg(&self.containerd_socket)
-            .args(["--namespace", "k8s.io"])
-            .args(args)
+        let (mut enter, cg) = self.enter();
+        enter.cgroup = Some(&cg);
+        let socket = self.containerd_socket.to_string_lossy();
+        let mut all = vec!["--address", &socket, "--namespace", "k8s.io"];
+        all.extend(args);
+        launch::command(&enter, &cluster_dir.join("bin/ctr"), all)
             .output()
             .context("running ctr")
     }
