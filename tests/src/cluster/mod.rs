@@ -204,6 +204,7 @@ impl Cluster {
         }
         cluster.wait_registered(&env, Duration::from_secs(180))?;
         mark("all nodes registered");
+        wait_controllers(&env, Duration::from_secs(60))?;
         cluster.timings = timings;
         cluster.save()?;
         Ok(cluster)
@@ -244,6 +245,27 @@ impl Cluster {
     }
 }
 
+/// Waits for what the controller-manager creates before a pod can be admitted and mount its
+/// service-account token: the `default` service accounts and the `kube-root-ca.crt` ConfigMaps.
+fn wait_controllers(env: &kube_env::KubeEnv, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    for ns in ["default", "kube-system"] {
+        for object in ["serviceaccount/default", "configmap/kube-root-ca.crt"] {
+            loop {
+                let (ok, out) = env.kubectl(&["-n", ns, "get", object, "-o", "name"])?;
+                if ok {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("no {object} in namespace {ns} after {timeout:?}: {out}");
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Stops every process of a cluster in `dir` with `prefix` (nodes in shutdown order, then the
 /// control plane, then whatever is left in the cluster's cgroups) and removes its cgroups.
 /// Leaves namespaces and files to [`Lab::down`], which calls this first. Keeps going after a
@@ -271,7 +293,11 @@ pub fn stop(dir: &Path, prefix: &str) -> Result<()> {
     for name in &homes {
         node::stop(&dir.join(name), &format!("{prefix}-{name}"), &mut errors);
     }
-    control_plane::stop(dir, &mut errors);
+    // Only a cluster's control plane: a simulated lab's API server must outlive its routers,
+    // and `Lab::down` stops it after them.
+    if dir.join("cp").exists() || owned.contains(&format!("{prefix}-cp")) {
+        control_plane::stop(dir, &mut errors);
+    }
     for name in &owned {
         if let Err(e) = cgroup::kill_all(name, Duration::from_secs(10)) {
             errors.push(format!("{e:#}"));
