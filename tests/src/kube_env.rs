@@ -41,6 +41,9 @@ pub const SECURE_PORT: u16 = 6443;
 /// - `kube-proxy.kubeconfig`: user `system:kube-proxy`, at `address`;
 /// - `kubelet-<node>.kubeconfig` per entry of `kubelets`: a client certificate for
 ///   `system:node:<node>` in `system:nodes`, at `address`.
+///
+/// With `egress_socket`, the API server reaches kubelets, pods and services through the HTTP
+/// CONNECT proxy there (its egress selector), not from its own namespace.
 #[derive(Debug, Clone)]
 pub struct Namespaced {
     pub netns: String,
@@ -51,6 +54,9 @@ pub struct Namespaced {
     pub kubelets: Vec<String>,
     /// Extra addresses for the serving certificate (e.g. the `kubernetes` Service's).
     pub extra_ips: Vec<Ipv4Addr>,
+    /// An HTTP CONNECT proxy on a unix socket for the API server's "cluster" traffic (kubelets,
+    /// pods, services, webhooks); the caller runs it.
+    pub egress_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -305,6 +311,23 @@ impl KubeEnv {
                 format!("--kubelet-client-key={}", p("apiserver-kubelet-client.key")),
                 "--kubelet-preferred-address-types=InternalIP,Hostname".into(),
             ]),
+        }
+        if let Some(socket) = ns.and_then(|ns| ns.egress_socket.as_ref()) {
+            let conf = dir.join("egress-selector.json");
+            let selector = serde_json::json!({
+                "apiVersion": "apiserver.k8s.io/v1beta1",
+                "kind": "EgressSelectorConfiguration",
+                "egressSelections": [{
+                    "name": "cluster",
+                    "connection": {
+                        "proxyProtocol": "HTTPConnect",
+                        "transport": {"uds": {"udsName": socket}},
+                    },
+                }],
+            });
+            std::fs::write(&conf, selector.to_string())
+                .with_context(|| format!("writing {}", conf.display()))?;
+            api_args.push(format!("--egress-selector-config-file={}", conf.display()));
         }
         let apiserver = bin.join("kube-apiserver");
         let cmd = crate::cluster::launch::command(&enter, &apiserver, &api_args);

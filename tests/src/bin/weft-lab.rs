@@ -79,6 +79,12 @@ enum Top {
         #[arg(long)]
         to: std::net::SocketAddr,
     },
+    /// (internal) the API server's HTTP CONNECT egress proxy, run inside a node namespace.
+    #[command(hide = true)]
+    ClusterEgress {
+        #[arg(long)]
+        socket: PathBuf,
+    },
     /// (internal) the timing loop of `bench cni`, run inside a node namespace.
     #[command(hide = true)]
     BenchDriver {
@@ -209,6 +215,7 @@ async fn main() -> Result<()> {
             println!("ratio throughput={:.2}", weft / reference);
         }
         Top::KubeForward { netns, port } => weft_tests::forward::run(&netns, port)?,
+        Top::ClusterEgress { socket } => weft_tests::cluster::egress::run(&socket)?,
         Top::ClusterForward { netns, port, to } => {
             weft_tests::cluster::forward::run(&netns, port, to)?
         }

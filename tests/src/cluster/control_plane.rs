@@ -3,9 +3,10 @@
 //! kube-controller-manager and kube-scheduler, plus a forwarder on the host's loopback so that
 //! kubectl on the host reaches the API server.
 //!
-//! The API server reaches kubelets (`:10250`) directly on the switch, and pod addresses through
-//! node1 (a route for the pod universe via node1's underlay address; remote pods are then
-//! node1's mesh's business).
+//! The API server sends its "cluster" traffic (kubelets `:10250` for exec/logs, pod and service
+//! addresses for the proxy subresource, webhooks) through an HTTP CONNECT proxy that runs in
+//! node1's network namespace (see `egress`): connections to pods start on a node, as the CNI
+//! expects. The namespace also routes the pod universe via node1, for poking at pods from it.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -73,6 +74,7 @@ pub fn start(
             cgroup: cg.clone(),
             kubelets: nodes.to_vec(),
             extra_ips: vec![KUBERNETES_SERVICE_IP.parse().expect("static address")],
+            egress_socket: Some(egress_socket(lab)),
         },
     )?;
 
@@ -178,10 +180,50 @@ pub fn start(
     Ok(env)
 }
 
+fn egress_socket(lab: &Path) -> std::path::PathBuf {
+    lab.join("cp/egress.sock")
+}
+
+/// Starts the API server's egress proxy in `node_netns` (a node's network namespace).
+pub fn start_egress(lab: &Path, prefix: &str, node_netns: &str) -> Result<()> {
+    let home = lab.join("cp");
+    let cg = format!("{prefix}-cp");
+    let weft_lab = crate::lab::bin_dir()?.join("weft-lab");
+    let enter = Enter {
+        netns: Some(node_netns),
+        cgroup: Some(&cg),
+        holder: None,
+    };
+    let socket = egress_socket(lab);
+    let cmd = launch::command(
+        &enter,
+        &weft_lab,
+        [
+            "cluster-egress".as_ref(),
+            "--socket".as_ref(),
+            socket.as_os_str(),
+        ],
+    );
+    let log = home.join("egress.log");
+    procs::spawn_as(cmd, &weft_lab, &log, &home.join("egress.pid"))?;
+    wait_for_line(
+        &log,
+        "listening on",
+        &home.join("egress.pid"),
+        Duration::from_secs(10),
+    )
+    .context("starting the API server's egress proxy")
+}
+
 /// Stops what [`start`] started (the API server and etcd go with `KubeEnv::down`).
 pub fn stop(lab: &Path, errors: &mut Vec<String>) {
     let home = lab.join("cp");
-    for pid in ["kube-scheduler", "kube-controller-manager", "forward"] {
+    for pid in [
+        "kube-scheduler",
+        "kube-controller-manager",
+        "forward",
+        "egress",
+    ] {
         if let Err(e) = procs::stop(&home.join(format!("{pid}.pid")), Duration::from_secs(10)) {
             errors.push(format!("{e:#}"));
         }

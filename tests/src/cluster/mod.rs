@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!   <prefix>-sw      switch namespace: bridge sw0 with 10.99.0.1 (a gateway that leads nowhere)
-//!   <prefix>-cp      10.99.0.2: etcd, kube-apiserver :6443, controller-manager, scheduler
+//!   <prefix>-cp      10.99.0.2: etcd, kube-apiserver :6443, controller-manager, scheduler;
+//!                    the API server reaches kubelets and pods through a proxy in node1
 //!   <prefix>-nodeN   10.99.0.(10+N): containerd, kubelet, kube-proxy in the node's own network,
 //!                    mount and UTS namespaces (see `node`)
 //!   host loopback    127.0.0.1:<port> forwards to the API server (kubectl on the host)
@@ -19,11 +20,13 @@
 pub mod cgroup;
 pub mod config;
 pub mod control_plane;
+pub mod egress;
 pub mod forward;
 pub mod launch;
 pub mod node;
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -125,6 +128,7 @@ impl Cluster {
                 seconds: s,
             });
         };
+        ensure_packages(&["runc", "iptables"])?;
         kube_env::binaries()?;
         let cluster_dir = kube_env::script_dir("cluster/build.sh", Vec::<&str>::new())?;
         let images_dir = kube_env::script_dir("cluster/images.sh", [crate::lab::bin_dir()?])?;
@@ -172,6 +176,7 @@ impl Cluster {
                 kube.join("apiserver.log"),
                 dir.join("cp/kube-controller-manager.log"),
                 dir.join("cp/kube-scheduler.log"),
+                dir.join("cp/egress.log"),
             ],
             nodes: Vec::new(),
             timings: Vec::new(),
@@ -180,6 +185,7 @@ impl Cluster {
             cluster.nodes.push(node::create(dir, prefix, i)?);
             cluster.save()?;
         }
+        control_plane::start_egress(dir, prefix, &cluster.nodes[0].netns)?;
         std::thread::scope(|s| -> Result<()> {
             let handles: Vec<_> = cluster
                 .nodes
@@ -243,6 +249,42 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(500));
         }
     }
+}
+
+/// Installs the Debian packages the nodes need from the host (containerd's runtime, kube-proxy's
+/// iptables) when they are missing.
+fn ensure_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(false)
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("installing {}", missing.join(" "));
+    let apt = |args: &[&str]| -> Result<()> {
+        let status = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .context("running apt-get")?;
+        if !status.success() {
+            bail!("apt-get {} failed ({status})", args.join(" "));
+        }
+        Ok(())
+    };
+    apt(&["update", "-qq"])?;
+    let mut install = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    install.extend(&missing);
+    apt(&install)
 }
 
 /// Waits for what the controller-manager creates before a pod can be admitted and mount its
