@@ -380,7 +380,8 @@ impl KubeEnv {
         let mut last;
         loop {
             for pidfile in ["etcd.pid", "apiserver.pid"] {
-                if !procs::alive(&self.dir.join(pidfile)) {
+                // Not `procs::alive`: a daemon started in a namespace runs nsenter and sh first.
+                if !crate::cluster::launch::running(&self.dir.join(pidfile)) {
                     let log = pidfile.replace(".pid", ".log");
                     let tail = std::fs::read_to_string(self.dir.join(&log)).unwrap_or_default();
                     let tail: Vec<&str> = tail.lines().rev().take(15).collect();

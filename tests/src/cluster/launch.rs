@@ -26,12 +26,18 @@ pub struct Enter<'a> {
 /// Joins `$1`'s cgroup (when non-empty), then execs the rest of the arguments.
 const JOIN_AND_EXEC: &str = r#"[ -z "$1" ] || echo $$ > "$1" || exit 125; shift; exec "$@""#;
 
-/// The command that runs `exe args...` as described by `enter`.
+/// The command that runs `exe args...` as described by `enter` (just `exe args...` when there
+/// is nothing to enter).
 pub fn command<I, S>(enter: &Enter, exe: &Path, args: I) -> Command
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
+    if enter.holder.is_none() && enter.netns.is_none() && enter.cgroup.is_none() {
+        let mut cmd = Command::new(exe);
+        cmd.args(args);
+        return cmd;
+    }
     let mut cmd = Command::new("nsenter");
     if let Some(pid) = enter.holder {
         cmd.args(["--target", &pid.to_string(), "--mount", "--uts", "--net"]);
@@ -46,6 +52,24 @@ where
         .arg(exe)
         .args(args);
     cmd
+}
+
+/// Whether the process in `pidfile` exists and is not a zombie, whatever it runs now (a
+/// daemon's pid first runs nsenter and sh, then execs the daemon).
+pub fn running(pidfile: &Path) -> bool {
+    let Some(pid) = std::fs::read_to_string(pidfile)
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u32>().ok())
+    else {
+        return false;
+    };
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let state = s.rsplit_once(')')?.1.split_whitespace().next()?.to_string();
+            Some(state != "Z")
+        })
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -99,10 +123,17 @@ mod tests {
 
     #[test]
     fn join_script_execs_its_arguments() {
-        let enter = Enter::default();
-        // Without namespaces nsenter only execs (util-linux is on every Debian machine).
-        let mut cmd = command(&enter, Path::new("echo"), ["hello"]);
-        let out = cmd.output().expect("running nsenter");
+        // An empty cgroup argument joins nothing.
+        let out = Command::new("sh")
+            .args(["-c", JOIN_AND_EXEC, "sh", "", "echo", "hello"])
+            .output()
+            .expect("running sh");
         assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");
+    }
+
+    #[test]
+    fn nothing_to_enter_runs_the_program_itself() {
+        let cmd = command(&Enter::default(), Path::new("/bin/etcd"), ["--x"]);
+        assert_eq!(argv(&cmd), ["/bin/etcd", "--x"]);
     }
 }

@@ -226,7 +226,7 @@ impl Cluster {
                 return Ok(());
             }
             for node in &self.nodes {
-                if !procs_running(&node.home.join("kubelet.pid")) {
+                if !launch::running(&node.home.join("kubelet.pid")) {
                     bail!(
                         "kubelet on {} exited:\n{}",
                         node.name,
@@ -355,24 +355,6 @@ pub fn stop(dir: &Path, prefix: &str) -> Result<()> {
     Ok(())
 }
 
-/// Whether the process in `pidfile` exists and is not a zombie, whatever it runs now (a
-/// daemon's pid first runs nsenter and sh, then execs the daemon).
-fn procs_running(pidfile: &Path) -> bool {
-    let Some(pid) = std::fs::read_to_string(pidfile)
-        .ok()
-        .and_then(|t| t.split_whitespace().next()?.parse::<u32>().ok())
-    else {
-        return false;
-    };
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let state = s.rsplit_once(')')?.1.split_whitespace().next()?.to_string();
-            Some(state != "Z")
-        })
-        .unwrap_or(false)
-}
-
 /// Waits until `log` contains `needle`; fails with its tail if the process in `pidfile` ends
 /// first or `timeout` passes.
 fn wait_for_line(log: &Path, needle: &str, pidfile: &Path, timeout: Duration) -> Result<()> {
@@ -384,7 +366,7 @@ fn wait_for_line(log: &Path, needle: &str, pidfile: &Path, timeout: Duration) ->
         {
             return Ok(());
         }
-        if !procs_running(pidfile) || Instant::now() > deadline {
+        if !launch::running(pidfile) || Instant::now() > deadline {
             bail!(
                 "no {needle:?} in {} (process gone or {timeout:?} passed):\n{}",
                 log.display(),
