@@ -23,7 +23,7 @@ mod space;
 
 pub use addr::{Cidr, Range};
 pub use error::{Error, Invariant, Result};
-pub use node::{Message, Node, Outgoing};
+pub use node::{Message, Node, Outgoing, LOW_WATER};
 pub use peer::PeerName;
 pub use ring::{Entry, Ring, Seed};
 pub use space::{AllocKey, Space};

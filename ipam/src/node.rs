@@ -26,6 +26,16 @@ pub struct Outgoing {
     pub msg: Message,
 }
 
+/// Below this many free addresses a node asks a peer for more space — before an ADD fails, and
+/// again whenever its ranges fill up, not only when it owns nothing.
+pub const LOW_WATER: u64 = 16;
+
+/// A donor gives at most half its free space, so to a peer that is only running low it gives
+/// when it keeps [`LOW_WATER`]: two nodes short of space never hand ranges back and forth. A
+/// peer with no free address at all is served by anyone who has two.
+const DONOR_MIN_FREE: u64 = 2 * LOW_WATER;
+const DONOR_MIN_FREE_FOR_EMPTY: u64 = 2;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Node {
     me: PeerName,
@@ -131,11 +141,35 @@ impl Node {
         Message::Ring(self.ring.clone())
     }
 
-    /// Whom to ask for space, best first (weighted random by reported free space); empty when no
-    /// peer reports any.
+    /// Whether to ask a peer for space now: the ring is seeded and we have fewer than
+    /// [`LOW_WATER`] free addresses (owning nothing counts as none). The router and the simulator
+    /// both ask exactly when this says so; whom to ask is [`Node::space_request`].
+    pub fn wants_space(&self) -> bool {
+        self.ring.is_seeded() && self.free() < LOW_WATER
+    }
+
+    /// Whether we may grant space to `to`, which asked: see [`DONOR_MIN_FREE`]. Its need is
+    /// what it last reported in the ring (nothing owned counts as no free address).
+    pub fn can_donate_to(&self, to: &PeerName) -> bool {
+        let theirs = self.ring.free_by_peer().get(to).copied().unwrap_or(0);
+        let min = if theirs == 0 {
+            DONOR_MIN_FREE_FOR_EMPTY
+        } else {
+            DONOR_MIN_FREE
+        };
+        self.free() >= min
+    }
+
+    /// Whom to ask for space, best first (weighted random by reported free space), among the
+    /// peers that can spare some (see [`Node::can_donate_to`]); empty when none can.
     pub fn space_request(&self, rng: &mut impl Rng) -> Vec<Outgoing> {
+        let min = if self.free() == 0 {
+            DONOR_MIN_FREE_FOR_EMPTY
+        } else {
+            DONOR_MIN_FREE
+        };
         self.ring
-            .choose_peers_to_ask(&self.me, rng)
+            .choose_peers_to_ask(&self.me, min, rng)
             .into_iter()
             .map(|to| Outgoing {
                 to,
@@ -159,7 +193,7 @@ impl Node {
             Message::SpaceRequest => {
                 let owned = self.owned();
                 let mut changed = false;
-                if from != &self.me {
+                if from != &self.me && self.can_donate_to(from) {
                     if let Some(range) = self.space.donation(&owned) {
                         let space = &self.space;
                         self.ring

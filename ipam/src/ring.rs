@@ -470,13 +470,18 @@ impl Ring {
         out
     }
 
-    /// Peers other than `me` that report free space, in a random order weighted by how much
-    /// (a peer with twice the free space is twice as likely to come first).
-    pub fn choose_peers_to_ask(&self, me: &PeerName, rng: &mut impl Rng) -> Vec<PeerName> {
+    /// Peers other than `me` that report at least `min_free` free addresses (and at least one),
+    /// in a random order weighted by how much (twice the free space, twice as likely first).
+    pub fn choose_peers_to_ask(
+        &self,
+        me: &PeerName,
+        min_free: u64,
+        rng: &mut impl Rng,
+    ) -> Vec<PeerName> {
         let mut keyed: Vec<(f64, PeerName)> = self
             .free_by_peer()
             .into_iter()
-            .filter(|(p, free)| p != me && *free > 0)
+            .filter(|(p, free)| p != me && *free > 0 && *free >= min_free)
             .map(|(p, free)| {
                 // Efraimidis–Spirakis: sort by u^(1/w), i.e. by ln(u)/w.
                 let u: f64 = rng.gen_range(f64::MIN_POSITIVE..1.0);
@@ -637,10 +642,12 @@ mod tests {
         r.report_free(&p("c"), |_| 1);
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let firsts: Vec<PeerName> = (0..200)
-            .map(|_| r.choose_peers_to_ask(&p("a"), &mut rng)[0].clone())
+            .map(|_| r.choose_peers_to_ask(&p("a"), 0, &mut rng)[0].clone())
             .collect();
         let b = firsts.iter().filter(|x| x.as_str() == "b").count();
         assert!(b > 190, "b chosen first only {b}/200 times");
-        assert!(!r.choose_peers_to_ask(&p("a"), &mut rng).contains(&p("a")));
+        assert!(!r
+            .choose_peers_to_ask(&p("a"), 0, &mut rng)
+            .contains(&p("a")));
     }
 }

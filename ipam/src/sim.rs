@@ -175,16 +175,17 @@ impl Sim {
         Ok(())
     }
 
-    fn allocate_pods(&mut self, i: usize) -> Result<bool, SimError> {
+    /// Allocates the peer's pods that do not have an address yet, as far as its space goes.
+    fn allocate_pods(&mut self, i: usize) -> Result<(), SimError> {
         for pod in 0..self.cfg.pods_per_peer {
             let key = AllocKey::pod(&format!("{i}-{pod}"), "eth0");
             match self.peers[i].node.allocate(key) {
                 Ok(_) => {}
-                Err(Error::NoSpace(_)) => return Ok(false),
+                Err(Error::NoSpace(_)) => return Ok(()),
                 Err(e) => return Err(SimError::Violation(e.to_string())),
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     /// A peer without (enough) space asks the next candidate.
@@ -274,7 +275,11 @@ impl Sim {
 
     fn needy(&mut self) -> Result<(), SimError> {
         for i in 0..self.peers.len() {
-            if self.peers[i].live && !self.peers[i].waiting && !self.allocate_pods(i)? {
+            if !self.peers[i].live {
+                continue;
+            }
+            self.allocate_pods(i)?;
+            if !self.peers[i].waiting && self.peers[i].node.wants_space() {
                 self.ask_for_space(i)?;
             }
         }
@@ -469,6 +474,7 @@ pub fn run(cfg: Config) -> Result<Report, SimError> {
     last_event = last_event
         .max(split_at + cfg.partition_rounds)
         .max(delete_at + GRACE + 5);
+    let hard_deadline = last_event + 5 * cfg.max_quiet_rounds;
     loop {
         sim.step()?;
         let waiting = sim
@@ -478,7 +484,9 @@ pub fn run(cfg: Config) -> Result<Report, SimError> {
         if !waiting && sim.converged_at.is_some() {
             break;
         }
-        if sim.round > last_event + cfg.max_quiet_rounds {
+        // Waiting peers extend the deadline, but never past a hard cap: a policy that keeps
+        // peers asking forever must fail the run, not hang it.
+        if sim.round > last_event + cfg.max_quiet_rounds || sim.round > hard_deadline {
             // Name the peers that kept it from converging, in the error rather than on stderr:
             // this crate does no I/O.
             let stuck: Vec<String> = sim

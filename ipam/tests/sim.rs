@@ -67,3 +67,20 @@ fn sim_tiny_cluster() {
     let report = run(cfg).unwrap_or_else(|e| panic!("{e}"));
     print("tiny", 1, &report);
 }
+
+/// Peers whose first grant fills up ask again (the policy the router ships: below `LOW_WATER`
+/// free, not only when owning nothing), until every pod has an address.
+#[test]
+fn sim_full_peers_ask_again() {
+    let base = seed_or(7);
+    for seed in base..base + 5 {
+        let mut cfg = Config::new(seed, 40);
+        cfg.join_batch = 5;
+        cfg.pods_per_peer = 60;
+        cfg.universe = "10.32.0.0/20".parse().unwrap();
+        let deletions = cfg.deletions;
+        let report = run(cfg).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        print("sim 40 peers x 60 pods", seed, &report);
+        assert_eq!(report.allocations, (40 - deletions) * 60, "seed {seed}");
+    }
+}

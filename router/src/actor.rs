@@ -12,7 +12,7 @@ use weft_node_api::{
 };
 
 use crate::config::Config;
-use crate::mesh::{Inbound, Mesh};
+use crate::mesh::{Inbound, Mesh, SenderIndex};
 use crate::net::Net;
 use crate::plan;
 use crate::store::Store;
@@ -81,12 +81,14 @@ struct Actor {
     net: Option<Net>,
     mesh: Option<Mesh>,
     /// Mesh address → node name, shared with the gossip receiver to authenticate senders.
-    index:
-        std::sync::Arc<std::sync::RwLock<std::collections::BTreeMap<std::net::Ipv6Addr, String>>>,
+    index: SenderIndex,
     /// The last refused gossip (peer and reason), reported in status and the MeshPeer.
     refused: Option<String>,
     /// When we last asked a peer for space (one request in flight at a time).
     asked_at: Option<std::time::Instant>,
+    /// The last failed save of the IPAM state: the change was rolled back, and the node is not
+    /// ready until a save succeeds again.
+    save_failed: Option<String>,
 }
 
 impl Actor {
@@ -108,10 +110,43 @@ impl Actor {
         })
     }
 
-    fn persist(&self) -> Result<(), Failure> {
-        self.store
-            .save(&self.node)
-            .map_err(|e| Failure::internal(format!("saving state: {e}")))
+    fn persist(&mut self) -> Result<(), Failure> {
+        match self.store.save(&self.node) {
+            Ok(()) => {
+                self.save_failed = None;
+                Ok(())
+            }
+            Err(e) => {
+                let msg = format!("saving the IPAM state: {e}");
+                self.save_failed = Some(msg.clone());
+                Err(Failure::internal(msg))
+            }
+        }
+    }
+
+    /// Keeps a change to the IPAM state only once it is on disk: nothing derived from it (a
+    /// grant, a reply, a broadcast, an address) may leave before, or a crash would let the
+    /// donor hand the range out again. On a failed save the state goes back to `before`.
+    fn commit(&mut self, before: Node) -> bool {
+        if self.node == before {
+            return true;
+        }
+        match self.persist() {
+            Ok(()) => true,
+            Err(e) => {
+                warn!("{}; the change is refused and rolled back", e.error.error);
+                self.node = before;
+                false
+            }
+        }
+    }
+
+    /// Our ring for gossip (its free counts refreshed, which is a change of its own), once the
+    /// refreshed ring is on disk.
+    fn ring_message(&mut self) -> Option<ipam::Message> {
+        let before = self.node.clone();
+        let msg = self.node.gossip();
+        self.commit(before).then_some(msg)
     }
 
     fn allocate(&mut self, req: AllocateRequest) -> Result<Allocation, Failure> {
@@ -182,7 +217,12 @@ impl Actor {
     }
 
     fn health(&self) -> Health {
-        let (ready, reason) = if !self.node.ring().is_seeded() {
+        let (ready, reason) = if let Some(e) = &self.save_failed {
+            (
+                false,
+                format!("{e} (fix the state directory; nothing was handed out)"),
+            )
+        } else if !self.node.ring().is_seeded() {
             (
                 false,
                 "waiting for the IPAM ring (not seeded, no peer has sent it)".to_string(),
@@ -253,17 +293,17 @@ impl Actor {
         }
     }
 
-    /// After the ring changed: persist, bring the bridge up once we own space, keep routes and
+    /// After a ring change is on disk: bring the bridge up once we own space, keep routes and
     /// the WireGuard peers equal to the ring.
     async fn settle(&mut self) {
-        if let Err(e) = self.persist() {
-            warn!("{}", e.error.error);
-        }
         if self.gateway().is_none() && !self.node.owned().is_empty() {
-            if let Err(e) = self.node.allocate(gateway_key()) {
-                warn!("allocating the gateway: {e}");
+            let before = self.node.clone();
+            match self.node.allocate(gateway_key()) {
+                Ok(_) => {
+                    self.commit(before);
+                }
+                Err(e) => warn!("allocating the gateway: {e}"),
             }
-            let _ = self.persist();
         }
         let owned = self.node.owned_cidrs();
         let gateway = self.gateway();
@@ -298,9 +338,13 @@ impl Actor {
     }
 
     async fn gossip(&mut self, inbound: Inbound) {
+        let before = self.node.clone();
         let owned_before = self.node.owned();
         match self.node.handle(&inbound.from, &inbound.msg) {
             Ok((changed, reply)) => {
+                if !self.commit(before) {
+                    return;
+                }
                 if changed {
                     self.settle().await;
                 }
@@ -310,7 +354,7 @@ impl Actor {
                     // so their AllowedIPs and routes follow at once.
                     out.extend(self.broadcast());
                 } else {
-                    // First ring seen and no space yet: ask right away.
+                    // First ring seen and no space yet, or running low: ask right away.
                     out.extend(self.ask_for_space());
                 }
                 self.send_all(out).await;
@@ -322,13 +366,14 @@ impl Actor {
         }
     }
 
-    /// A space request to the best candidate, if we own nothing and have not asked in the last
-    /// few seconds: one request at a time, or several donors would each grant a piece.
+    /// A space request to the best candidate when the ring's policy says we need space
+    /// ([`ipam::Node::wants_space`]) and we have not asked in the last few seconds: one request
+    /// at a time, or several donors would each grant a piece.
     fn ask_for_space(&mut self) -> Vec<ipam::Outgoing> {
         let recently = self
             .asked_at
             .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(3));
-        if !self.node.ring().is_seeded() || !self.node.owned().is_empty() || recently {
+        if !self.node.wants_space() || recently {
             return Vec::new();
         }
         let out: Vec<ipam::Outgoing> = self
@@ -343,56 +388,55 @@ impl Actor {
         out
     }
 
-    /// Our ring for every mesh peer.
-    fn broadcast(&mut self) -> Vec<ipam::Outgoing> {
-        let msg = self.node.gossip();
-        let names: Vec<String> = self
-            .mesh
-            .as_ref()
-            .map(|m| m.peers.keys().cloned().collect())
-            .unwrap_or_default();
-        names
-            .into_iter()
-            .map(|n| ipam::Outgoing {
-                to: ipam::PeerName::new(&n),
+    /// Our ring (once on disk) for each of `to`.
+    fn ring_to(&mut self, to: Vec<ipam::PeerName>) -> Vec<ipam::Outgoing> {
+        if to.is_empty() {
+            return Vec::new();
+        }
+        let Some(msg) = self.ring_message() else {
+            return Vec::new();
+        };
+        to.into_iter()
+            .map(|to| ipam::Outgoing {
+                to,
                 msg: msg.clone(),
             })
             .collect()
     }
 
+    /// Our ring for every mesh peer.
+    fn broadcast(&mut self) -> Vec<ipam::Outgoing> {
+        let names = self
+            .mesh
+            .as_ref()
+            .map(|m| m.peers.keys().cloned().collect())
+            .unwrap_or_default();
+        self.ring_to(names)
+    }
+
     async fn tick(&mut self) {
         let Some(mesh) = &self.mesh else { return };
-        let out = {
-            let mut rng = rand::thread_rng();
-            let names: Vec<ipam::PeerName> =
-                mesh.peers.keys().map(|n| ipam::PeerName::new(n)).collect();
-            let targets: Vec<ipam::PeerName> =
-                rand::seq::SliceRandom::choose_multiple(names.as_slice(), &mut rng, 3)
-                    .cloned()
-                    .collect();
-            let msg = self.node.gossip();
-            targets
-                .into_iter()
-                .map(|to| ipam::Outgoing {
-                    to,
-                    msg: msg.clone(),
-                })
-                .collect::<Vec<_>>()
-        };
-        let mut out = out;
+        let names: Vec<ipam::PeerName> = mesh.peers.keys().cloned().collect();
+        let targets =
+            rand::seq::SliceRandom::choose_multiple(names.as_slice(), &mut rand::thread_rng(), 3)
+                .cloned()
+                .collect();
+        let mut out = self.ring_to(targets);
         out.extend(self.ask_for_space());
         self.send_all(out).await;
     }
 
     async fn peers(&mut self, nodes: Vec<plan::Node>) {
         let Some(mesh) = &mut self.mesh else { return };
-        let known: std::collections::BTreeSet<String> = mesh.peers.keys().cloned().collect();
+        let me = mesh.me.name.clone();
+        let known: std::collections::BTreeSet<ipam::PeerName> =
+            mesh.peers.keys().cloned().collect();
         mesh.peers = nodes
             .into_iter()
-            .filter(|n| n.name != mesh.me.name)
-            .map(|n| (n.name.clone(), n))
+            .filter(|n| n.name != me)
+            .map(|n| (n.ring_name(), n))
             .collect();
-        let new: Vec<String> = mesh
+        let new: Vec<ipam::PeerName> = mesh
             .peers
             .keys()
             .filter(|n| !known.contains(*n))
@@ -401,23 +445,16 @@ impl Actor {
         if let Ok(mut index) = self.index.write() {
             *index = mesh
                 .peers
-                .values()
-                .filter_map(|n| Some((n.spec.mesh_address.parse().ok()?, n.name.clone())))
+                .iter()
+                .filter_map(|(r, n)| Some((n.spec.mesh_address.parse().ok()?, r.clone())))
                 .collect();
         }
         if let Err(e) = mesh.reconcile(self.node.ring()) {
             warn!("reconciling WireGuard peers: {e}");
         }
         // A node that just appeared gets our ring now rather than at a random later tick.
-        if !new.is_empty() && self.node.ring().is_seeded() {
-            let msg = self.node.gossip();
-            let out = new
-                .into_iter()
-                .map(|n| ipam::Outgoing {
-                    to: ipam::PeerName::new(&n),
-                    msg: msg.clone(),
-                })
-                .collect();
+        if self.node.ring().is_seeded() {
+            let out = self.ring_to(new);
             self.send_all(out).await;
         }
     }
@@ -426,7 +463,12 @@ impl Actor {
         self.settle().await;
         while let Some(req) = rx.recv().await {
             match req {
-                Request::Allocate(r, tx) => drop(tx.send(self.allocate(r))),
+                Request::Allocate(r, tx) => {
+                    drop(tx.send(self.allocate(r)));
+                    // Running low (or out): ask a peer now, not at the next tick.
+                    let out = self.ask_for_space();
+                    self.send_all(out).await;
+                }
                 Request::Release(a, tx) => drop(tx.send(self.release(a))),
                 Request::Gc(r, tx) => drop(tx.send(self.gc(r))),
                 Request::Lookup(a, tx) => {
@@ -465,9 +507,7 @@ impl Handle {
         node: Node,
         store: Store,
         mesh: Option<Mesh>,
-        index: std::sync::Arc<
-            std::sync::RwLock<std::collections::BTreeMap<std::net::Ipv6Addr, String>>,
-        >,
+        index: SenderIndex,
     ) -> Handle {
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(
@@ -480,6 +520,7 @@ impl Handle {
                 index,
                 refused: None,
                 asked_at: None,
+                save_failed: None,
             }
             .run(rx),
         );

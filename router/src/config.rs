@@ -22,4 +22,6 @@ pub struct Config {
     pub peers_dir: PathBuf,
     /// Masquerade pod traffic leaving the universe.
     pub snat: bool,
+    /// The WireGuard interface the whole universe is routed to (other nodes' pods).
+    pub wg_interface: String,
 }

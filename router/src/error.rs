@@ -12,7 +12,7 @@ pub enum Error {
     },
     #[error("state file {}: {source} (move it away to start afresh; pods would lose their addresses)", path.display())]
     CorruptState { path: PathBuf, source: ipam::Error },
-    #[error("state file {} belongs to node {found}, not {expected}", path.display())]
+    #[error("state file {} belongs to ring peer {found}, but this node's name and key make it {expected} (was the key file replaced, or the state dir copied from another node? restore the matching key, or move the state file away to join afresh)", path.display())]
     WrongNode {
         path: PathBuf,
         found: String,

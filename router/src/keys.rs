@@ -102,6 +102,16 @@ impl Identity {
     }
 }
 
+/// A node's name in the IPAM ring: `<node>/<8 hex digits of SHA-256 of its public key>`. The key
+/// lives next to the IPAM state and is replaced with it (see the router's start-up), so a node
+/// that lost its state joins the ring as a new peer instead of taking back ranges whose
+/// allocations it no longer knows — the old name's ranges are then reclaimed like a dead node's.
+pub fn ring_name(node: &str, public_key_base64: &str) -> ipam::PeerName {
+    let digest = Sha256::digest(public_key_base64.trim().as_bytes());
+    let short: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    ipam::PeerName::new(&format!("{node}/{short}"))
+}
+
 /// The mesh address of a public key: [`MESH_PREFIX`], subnet 0, then the first 64 bits of
 /// SHA-256 of the key.
 pub fn mesh_address(public_key: &[u8]) -> Ipv6Addr {

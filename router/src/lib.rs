@@ -3,6 +3,7 @@
 //! the node API on a unix socket ([`server`]) for the CNI plugin and `weftctl`.
 
 pub mod actor;
+pub mod cni_conf;
 pub mod config;
 mod error;
 pub mod keys;
@@ -12,6 +13,7 @@ pub mod meshpeer;
 pub mod net;
 pub mod peers;
 pub mod plan;
+pub mod reset;
 pub mod seed;
 pub mod server;
 pub mod store;

@@ -20,6 +20,10 @@ use crate::Result;
 /// UDP port of ring gossip, on mesh addresses only.
 pub const GOSSIP_PORT: u16 = 6784;
 
+/// Mesh address → ring name of every known peer: whom a gossip packet's source address speaks
+/// for. Shared by the actor (which writes it from the peer store) and the receive loop.
+pub type SenderIndex = Arc<std::sync::RwLock<BTreeMap<Ipv6Addr, PeerName>>>;
+
 /// A gossip message received from a mesh peer (already authenticated by its source address).
 #[derive(Debug)]
 pub struct Inbound {
@@ -30,8 +34,8 @@ pub struct Inbound {
 pub struct Mesh {
     pub me: Node,
     pub device: Device,
-    /// The other nodes, by name, as the peer store last said.
-    pub peers: BTreeMap<String, Node>,
+    /// The other nodes, by ring name, as the peer store last said.
+    pub peers: BTreeMap<PeerName, Node>,
     socket: Arc<UdpSocket>,
 }
 
@@ -51,7 +55,7 @@ impl Mesh {
         me: Node,
         device: Device,
         inbound: mpsc::Sender<Inbound>,
-        peers: Arc<std::sync::RwLock<BTreeMap<Ipv6Addr, String>>>,
+        peers: SenderIndex,
     ) -> Result<Mesh> {
         let bind = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), GOSSIP_PORT);
         let socket = Arc::new(UdpSocket::bind(bind).await.map_err(crate::Error::io(
@@ -77,7 +81,7 @@ impl Mesh {
                     continue;
                 };
                 match decode_message(&buf[..n]) {
-                    Ok((from, msg)) if from.as_str() == name => {
+                    Ok((from, msg)) if from == name => {
                         if inbound.send(Inbound { from, msg }).await.is_err() {
                             return;
                         }
@@ -111,7 +115,7 @@ impl Mesh {
     pub async fn send(&self, me: &PeerName, to: &PeerName, msg: &Message) {
         let Some(addr) = self
             .peers
-            .get(to.as_str())
+            .get(to)
             .and_then(|n| n.spec.mesh_address.parse::<Ipv6Addr>().ok())
         else {
             debug!(peer = %to, "no mesh address for gossip target");

@@ -20,6 +20,10 @@ use tracing::info;
 use crate::config::Config;
 use crate::{Error, Result};
 
+/// Metric of the universe route into WireGuard: it must lose to the bridge routes of the
+/// node's own ranges, which have the default metric 0.
+const UNIVERSE_METRIC: u32 = 1000;
+
 /// Routes weft installs carry this protocol number, so it can find (and remove) its own.
 pub const ROUTE_PROTOCOL: u8 = 0x57; // 'W'
 
@@ -116,6 +120,10 @@ impl Net {
             gateway,
         };
         net.sync_routes(owned).await?;
+        // Now that the node has an address in the universe, its own processes (kubelet probes,
+        // hostNetwork pods, the API server) reach other nodes' pods from it: a source address
+        // other nodes' WireGuard accepts and routes back.
+        mesh_routes(&net.handle, &cfg.wg_interface, cfg.universe, Some(gateway)).await?;
         Ok(net)
     }
 
@@ -182,6 +190,73 @@ impl Net {
         self.connection.abort();
         Ok(())
     }
+}
+
+/// Routes the whole pod universe and the mesh prefix into the WireGuard interface `wg`, with
+/// `src` as the source of the node's own traffic once it has one. The node's own ranges have
+/// more specific routes on the bridge; everything else in the universe goes to WireGuard, which
+/// sends it to the peer whose AllowedIPs hold it — or drops it when no peer does. So pod traffic
+/// never leaves in plaintext by the default route, even while a peer is missing (fail closed).
+pub async fn mesh_routes(
+    handle: &rtnetlink::Handle,
+    wg: &str,
+    universe: Cidr,
+    src: Option<Ipv4Addr>,
+) -> Result<()> {
+    let index = link_by_name(handle, wg)
+        .await?
+        .ok_or_else(|| Error::Net {
+            what: format!("routing {universe} to {wg}"),
+            reason: "no such interface".into(),
+        })?
+        .header
+        .index;
+    let mut v4 = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(universe.addr(), universe.prefix())
+        .output_interface(index)
+        // Below the bridge routes even at the same prefix (a node that owns the whole universe).
+        .priority(UNIVERSE_METRIC)
+        .scope(RouteScope::Link)
+        .protocol(RouteProtocol::Other(ROUTE_PROTOCOL));
+    if let Some(src) = src {
+        v4 = v4.pref_source(src);
+    }
+    handle
+        .route()
+        .add(v4.build())
+        .replace()
+        .execute()
+        .await
+        .map_err(nl(format!("routing {universe} to {wg} (src {src:?})")))?;
+    let mut prefix = [0u8; 16];
+    prefix[..6].copy_from_slice(&crate::keys::MESH_PREFIX);
+    let mesh = std::net::Ipv6Addr::from(prefix);
+    let v6 = RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+        .destination_prefix(mesh, 48)
+        .output_interface(index)
+        .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+        .build();
+    handle
+        .route()
+        .add(v6)
+        .replace()
+        .execute()
+        .await
+        .map_err(nl(format!("routing the mesh prefix {mesh}/48 to {wg}")))?;
+    info!(%universe, %wg, src = ?src, "universe and mesh prefix routed to WireGuard");
+    Ok(())
+}
+
+/// [`mesh_routes`] on a connection of its own, for start-up (before the node owns space).
+pub async fn mesh_routes_once(wg: &str, universe: Cidr) -> Result<()> {
+    let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| Error::Net {
+        what: "opening netlink".into(),
+        reason: e.to_string(),
+    })?;
+    let connection = tokio::spawn(connection);
+    let r = mesh_routes(&handle, wg, universe, None).await;
+    connection.abort();
+    r
 }
 
 /// Masquerade pod traffic leaving the universe, in a table of weft's own (replaced whole, so

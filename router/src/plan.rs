@@ -17,6 +17,13 @@ pub struct Node {
     pub spec: MeshPeerSpec,
 }
 
+impl Node {
+    /// This node's peer name in the IPAM ring (see [`crate::keys::ring_name`]).
+    pub fn ring_name(&self) -> PeerName {
+        crate::keys::ring_name(&self.name, &self.spec.public_key)
+    }
+}
+
 /// A WireGuard peer as configured on (or wanted for) the device.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WgPeer {
@@ -63,7 +70,7 @@ pub fn desired(me: &Node, others: &[Node], ring: &Ring) -> BTreeMap<String, WgPe
         .filter(|n| n.name != me.name && n.spec.public_key != me.spec.public_key)
         .map(|n| {
             let mut allowed: Vec<String> = ring
-                .owned_cidrs(&PeerName::new(&n.name))
+                .owned_cidrs(&n.ring_name())
                 .iter()
                 .map(|c| c.to_string())
                 .collect();
@@ -185,11 +192,29 @@ mod tests {
         use EndpointKind::*;
         let a = node("a", "ka", None, &[("10.99.0.11:51820", Internal)]);
         let b = node("bb", "kb", None, &[("10.99.0.12:51820", Internal)]);
-        let want = desired(&a, &[a.clone(), b.clone()], &ring(&["a", "bb"]));
+        let names = [a.ring_name(), b.ring_name()];
+        let want = desired(
+            &a,
+            &[a.clone(), b.clone()],
+            &ring(&names.each_ref().map(|n| n.as_str())),
+        );
         assert_eq!(want.len(), 1, "no peer for ourselves");
         let p = &want["kb"];
         assert_eq!(p.allowed_ips, vec!["10.40.0.0/13", "fd77:6566:7400::2/128"]);
         assert_eq!(p.endpoint.unwrap().to_string(), "10.99.0.12:51820");
+    }
+
+    #[test]
+    fn ring_names_follow_the_key() {
+        let a = node("a", "ka", None, &[]);
+        let a2 = node("a", "ka2", None, &[]);
+        assert!(a.ring_name().as_str().starts_with("a/"));
+        assert_ne!(
+            a.ring_name(),
+            a2.ring_name(),
+            "a new key is a new ring peer"
+        );
+        assert_eq!(a.ring_name(), node("a", "ka", None, &[]).ring_name());
     }
 
     #[test]

@@ -265,12 +265,9 @@ impl Device {
     fn add(&self, p: &WgPeer) -> Result<()> {
         let peer = to_peer(p)?;
         let what = format!("adding peer {} to {}", p.public_key, self.name);
-        self.ops()
-            .configure_peer(&peer)
-            .map_err(wg_err(what.clone()))?;
-        self.ops()
-            .configure_peer_routing(std::slice::from_ref(&peer))
-            .map_err(wg_err(what))?;
+        // No per-peer routes: the router routes the whole universe and the mesh prefix into the
+        // interface (net::mesh_routes) and WireGuard picks the peer by AllowedIPs.
+        self.ops().configure_peer(&peer).map_err(wg_err(what))?;
         info!(interface = %self.name, peer = %p.public_key, endpoint = ?p.endpoint, allowed = ?p.allowed_ips, "WireGuard peer set");
         Ok(())
     }

@@ -1,12 +1,39 @@
-//! deploy/crds.yaml must be exactly what the Rust types generate.
+//! deploy/crds.yaml must be exactly what the Rust types generate, and deploy/weft.yaml exactly
+//! its parts (namespace, CRD, RBAC, DaemonSet) in order. `WEFT_REGEN=1` rewrites both instead.
+
+const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
+
+fn read(name: &str) -> String {
+    std::fs::read_to_string(format!("{DEPLOY}/{name}")).unwrap_or_default()
+}
+
+fn check(name: &str, want: &str) {
+    if std::env::var_os("WEFT_REGEN").is_some() {
+        std::fs::write(format!("{DEPLOY}/{name}"), want).unwrap();
+        return;
+    }
+    assert!(
+        read(name) == want,
+        "deploy/{name} is stale: run `WEFT_REGEN=1 cargo test -p weft-router --test crd`"
+    );
+}
 
 #[test]
 fn deploy_crds_match_the_rust_types() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crds.yaml");
-    let on_disk = std::fs::read_to_string(path).unwrap_or_default();
-    let generated = router::meshpeer::crd_yaml();
-    assert!(
-        on_disk == generated,
-        "deploy/crds.yaml is stale: run `cargo run -p weft-router --bin crdgen > deploy/crds.yaml`"
+    check("crds.yaml", &router::meshpeer::crd_yaml());
+}
+
+#[test]
+fn deploy_manifest_is_its_parts() {
+    let mut out = String::from(
+        "# weft: a WireGuard-encrypted mesh CNI. `kubectl apply -f weft.yaml` installs it.\n\
+         # Generated from deploy/{namespace,crds,rbac,daemonset}.yaml by\n\
+         # `WEFT_REGEN=1 cargo test -p weft-router --test crd`; edit those, not this file.\n",
     );
+    // crds.yaml itself is checked against the types by the test above.
+    for part in ["namespace.yaml", "crds.yaml", "rbac.yaml", "daemonset.yaml"] {
+        out.push_str("---\n");
+        out.push_str(&read(part));
+    }
+    check("weft.yaml", &out);
 }

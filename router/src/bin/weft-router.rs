@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use ipam::{Cidr, Node, PeerName};
+use ipam::{Cidr, Node};
 use router::actor::Handle;
 use router::config::Config;
 use router::keys::Identity;
@@ -54,6 +54,10 @@ struct Args {
     /// The WireGuard interface (unique per host: userspace sockets live in /var/run/wireguard).
     #[arg(long, env = "WEFT_WG_INTERFACE", default_value = "weft0")]
     wg_interface: String,
+    /// Write weft's conflist into this directory once the router is ready (the DaemonSet sets
+    /// it to the host's /etc/cni/net.d): kubelet reports the node Ready only after that.
+    #[arg(long, env = "WEFT_CNI_CONF_DIR")]
+    cni_conf_dir: Option<PathBuf>,
     /// WireGuard listen port.
     #[arg(long, env = "WEFT_WG_PORT", default_value_t = 51820)]
     wg_port: u16,
@@ -177,6 +181,38 @@ async fn publish_status(store: KubeStore, handle: Handle, key: String) {
     }
 }
 
+/// Installs the conflist once the node can serve pods (ring seeded, gateway up), and again if
+/// someone removes it while the router runs.
+async fn install_cni_conf_when_ready(handle: Handle, dir: PathBuf, socket: PathBuf) {
+    let mut said = String::new();
+    loop {
+        match handle.health().await {
+            Ok(h) if h.ready => match router::cni_conf::install(&dir, &socket) {
+                Ok(path) => {
+                    if said != "installed" {
+                        info!(path = %path.display(), "installed the CNI config: this node takes pods now");
+                        said = "installed".into();
+                    }
+                }
+                Err(e) => {
+                    if said != e.to_string() {
+                        warn!("{e}");
+                        said = e.to_string();
+                    }
+                }
+            },
+            Ok(h) => {
+                if said != h.reason {
+                    info!(reason = %h.reason, "not installing the CNI config yet");
+                    said = h.reason;
+                }
+            }
+            Err(_) => return,
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
@@ -199,16 +235,32 @@ async fn main() -> Result<()> {
         mtu: a.mtu.unwrap_or_else(default_mtu),
         peers_dir: a.peers_dir,
         snat: !a.no_snat,
+        wg_interface: a.wg_interface.clone(),
     };
     info!(node = %cfg.node, universe = %cfg.universe, bridge = %cfg.bridge, mtu = cfg.mtu, state = %cfg.state_dir.display(), "starting");
-    let me = PeerName::new(&cfg.node);
     let store = Store::new(&cfg.state_dir)?;
+    // The key names this node in the ring, so it must not outlive the IPAM state: with the state
+    // gone, the same name would take back ranges whose allocations nobody knows any more.
+    let key_path = cfg.state_dir.join("key");
+    if !store.path().exists() && key_path.exists() {
+        warn!(state = %store.path().display(), key = %key_path.display(), "a key but no IPAM state: this node lost its state; it joins as a new ring peer with a new key (its old ranges are reclaimed like a dead node's)");
+        std::fs::remove_file(&key_path)
+            .with_context(|| format!("removing the stale key {}", key_path.display()))?;
+    }
+    let identity = Identity::load_or_create(&key_path)?;
+    let me = router::keys::ring_name(&cfg.node, &identity.public_base64());
     let mut node = match store.load(&me)? {
         Some(node) => {
             info!(path = %store.path().display(), allocations = node.space().len(), "restored state");
             node
         }
-        None => Node::new(me.clone(), cfg.universe)?,
+        None => {
+            // On disk before the seed decision: the seed record names this identity, and a
+            // crash right after creating it must come back as the same identity.
+            let node = Node::new(me.clone(), cfg.universe)?;
+            store.save(&node)?;
+            node
+        }
     };
     if node.ring().universe() != cfg.universe {
         anyhow::bail!(
@@ -253,16 +305,18 @@ async fn main() -> Result<()> {
             }
             None => router::seed::decide(&cfg.peers_dir, &me, cfg.universe, rand::random())?,
         };
+        // Only the identity the seed record names seeds: that is this router if it created
+        // the record (now, or before a crash with its state kept). A node that lost its state
+        // has a new identity, so it never seeds a second ring over a live cluster.
         if seed.peers.contains(&me) {
             node.seed(seed.clone())?;
             info!(%seed, "seeded the IPAM ring");
         } else {
-            warn!(%seed, "the ring was seeded by other nodes; waiting to receive it from them");
+            info!(%seed, "the ring was seeded by other nodes; waiting to receive it from them");
         }
     }
     store.save(&node)?;
 
-    let identity = Identity::load_or_create(&cfg.state_dir.join("key"))?;
     let device = Device::open(
         &a.wg_interface,
         &identity.private_base64(),
@@ -272,6 +326,7 @@ async fn main() -> Result<()> {
         !a.userspace_wireguard,
     )
     .await?;
+    router::net::mesh_routes_once(&a.wg_interface, cfg.universe).await?;
     let me_spec = MeshPeerSpec {
         public_key: identity.public_base64(),
         endpoints: vec![Endpoint {
@@ -333,6 +388,13 @@ async fn main() -> Result<()> {
             h.tell_tick().await;
         }
     });
+    if let Some(dir) = a.cni_conf_dir.clone() {
+        tokio::spawn(install_cni_conf_when_ready(
+            handle.clone(),
+            dir,
+            socket.clone(),
+        ));
+    }
     info!(socket = %socket.display(), "serving the node API");
     router::server::serve(&socket, handle, shutdown_signal(userspace_wg)).await?;
     Ok(())

@@ -28,6 +28,32 @@ enum Output {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Exit 0 when the router is ready for pods, 1 when not (the reason on stderr), 2 when it
+    /// does not answer: the DaemonSet's readiness and liveness probe.
+    Health {
+        /// Only check that the router answers (the liveness probe): a router waiting for the
+        /// ring is alive.
+        #[arg(long)]
+        alive: bool,
+    },
+    /// Remove what weft left on this node after `kubectl delete -f weft.yaml`: its links,
+    /// routes, nftables table, CNI config and binary, socket dir and (unless --keep-state) its
+    /// state. Run it on each node (as root, with weft-router stopped).
+    Reset {
+        #[arg(long, default_value = "weft-br")]
+        bridge: String,
+        #[arg(long, default_value = "weft0")]
+        wg_interface: String,
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        cni_conf_dir: PathBuf,
+        #[arg(long, default_value = "/opt/cni/bin")]
+        cni_bin_dir: PathBuf,
+        #[arg(long, default_value = "/var/lib/weft")]
+        state_dir: PathBuf,
+        /// Keep the state dir (key, ring, allocations) for a reinstall.
+        #[arg(long)]
+        keep_state: bool,
+    },
     /// The node: readiness, bridge, gateway, its ranges and pods; `status ipam` for the ring.
     Status {
         #[arg(value_parser = ["ipam"])]
@@ -67,9 +93,68 @@ fn print_status(s: &Status, ipam: bool) {
     }
 }
 
+fn reset(r: router::reset::Reset) -> Result<()> {
+    use router::reset::Step;
+    let steps = r.run();
+    let mut failed = 0;
+    for s in &steps {
+        match s {
+            Step::Removed(w) => println!("removed  {w}"),
+            Step::Absent(w) => println!("absent   {w}"),
+            Step::Failed(w) => {
+                failed += 1;
+                println!("FAILED   {w}");
+            }
+        }
+    }
+    anyhow::ensure!(failed == 0, "{failed} step(s) failed (see above)");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Cmd::Reset {
+            bridge,
+            wg_interface,
+            cni_conf_dir,
+            cni_bin_dir,
+            state_dir,
+            keep_state,
+        } => {
+            return reset(router::reset::Reset {
+                bridge,
+                wg_interface,
+                cni_conf_dir,
+                cni_bin_dir,
+                state_dir: (!keep_state).then_some(state_dir),
+                socket_dir: cli
+                    .socket
+                    .parent()
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from("/run/weft")),
+            })
+        }
+        Cmd::Health { alive } => {
+            let h: weft_node_api::Health = match client::call(
+                &cli.socket,
+                "GET",
+                weft_node_api::PATH_HEALTH,
+                None::<&()>,
+                Duration::from_secs(3),
+            ) {
+                Ok(h) => h,
+                Err(e) => {
+                    eprintln!("router at {} does not answer: {e}", cli.socket.display());
+                    std::process::exit(2);
+                }
+            };
+            if !h.ready && !alive {
+                eprintln!("not ready: {}", h.reason);
+                std::process::exit(1);
+            }
+            println!("ready");
+        }
         Cmd::Status { what } => {
             let s: Status = client::call(
                 &cli.socket,
