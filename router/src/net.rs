@@ -220,6 +220,17 @@ pub async fn mesh_routes(
         .protocol(RouteProtocol::Other(ROUTE_PROTOCOL));
     if let Some(src) = src {
         v4 = v4.pref_source(src);
+        // The same address on the WireGuard interface: MASQUERADE (kube-proxy's, for NodePort
+        // and ClusterIP traffic from the node) takes the outgoing interface's address, not the
+        // route's source, and without one it would pick the underlay address, which no peer's
+        // AllowedIPs accept.
+        handle
+            .address()
+            .add(index, IpAddr::V4(src), 32)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl(format!("adding {src}/32 to {wg}")))?;
     }
     handle
         .route()
