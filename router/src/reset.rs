@@ -39,10 +39,22 @@ fn run(what: &str, args: &[&str], absent_if: &str) -> Step {
     }
 }
 
+/// Removes a file, or a directory's contents (the directory itself is often a hostPath mount
+/// point that cannot go).
 fn remove(path: &Path, dir: bool) -> Step {
     let what = path.display().to_string();
     let r = if dir {
-        std::fs::remove_dir_all(path)
+        std::fs::read_dir(path).and_then(|entries| {
+            for e in entries {
+                let p = e?.path();
+                if p.is_dir() && !p.is_symlink() {
+                    std::fs::remove_dir_all(&p)?;
+                } else {
+                    std::fs::remove_file(&p)?;
+                }
+            }
+            Ok(())
+        })
     } else {
         std::fs::remove_file(path)
     };

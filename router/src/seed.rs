@@ -61,20 +61,23 @@ pub fn decide(peers_dir: &Path, me: &PeerName, universe: Cidr, id: u64) -> Resul
 /// The Lease that records the cluster's seed (created once: a create is atomic, a second
 /// router gets 409 and reads it).
 pub const SEED_LEASE: &str = "weft-ring-seed";
+/// Where the seed Lease lives unless the router is told its namespace (the DaemonSet passes its
+/// own, so uninstalling weft's namespace also forgets the ring).
 pub const SEED_NAMESPACE: &str = "kube-system";
 
 /// The cluster's seed, decided through the API server: the Lease `kube-system/weft-ring-seed`,
 /// whose annotations name the seed id, universe and peers.
 pub async fn decide_kube(
     client: kube::Client,
+    namespace: &str,
     me: &PeerName,
     universe: Cidr,
     id: u64,
 ) -> Result<Seed> {
     use k8s_openapi::api::coordination::v1::Lease;
     use kube::api::{Api, ObjectMeta, PostParams};
-    let api: Api<Lease> = Api::namespaced(client, SEED_NAMESPACE);
-    let what = format!("Lease {SEED_NAMESPACE}/{SEED_LEASE}");
+    let api: Api<Lease> = Api::namespaced(client, namespace);
+    let what = format!("Lease {namespace}/{SEED_LEASE}");
     let kube_err = |e: kube::Error| Error::Kube {
         what: what.clone(),
         reason: e.to_string(),

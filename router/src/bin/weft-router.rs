@@ -68,6 +68,9 @@ struct Args {
     /// (one file per node in --peers-dir, shared by the nodes: the lab's store).
     #[arg(long, env = "WEFT_PEER_STORE", default_value = "dir", value_parser = ["dir", "kube"])]
     peer_store: String,
+    /// Namespace of weft's own objects (the ring's seed Lease): the DaemonSet's.
+    #[arg(long, env = "POD_NAMESPACE", default_value = router::seed::SEED_NAMESPACE)]
+    namespace: String,
     /// Use userspace WireGuard even if the kernel has it.
     #[arg(long)]
     userspace_wireguard: bool,
@@ -287,6 +290,7 @@ async fn main() -> Result<()> {
                 loop {
                     match router::seed::decide_kube(
                         client.clone(),
+                        &a.namespace,
                         &me,
                         cfg.universe,
                         rand::random(),
