@@ -83,6 +83,17 @@ runtimes_tier() {
 	bash tests/runtimes/weft.sh
 }
 
+cluster_tier() {
+	# A real Kubernetes cluster on this machine: control plane + 3 nodes (containerd 2.3, kubelet,
+	# kube-proxy per node namespace), built from Go modules on first use (about 5 minutes on 2
+	# cores, then cached in ~/.cache/weft/cluster/), images built offline by tests/cluster/images.sh
+	# from the Dockerfile. The lab's harness first (no CNI), then weft as a DaemonSet from
+	# deploy/weft.yaml, unchanged.
+	ensure_packages runc iptables podman mmdebstrap busybox-static gcc libc6-dev
+	bash tests/cluster/smoke.sh 2
+	bash tests/cluster/weft.sh
+}
+
 cni_bench() {
 	ensure_packages containernetworking-plugins
 	WEFT_LAB_DIR=/run/weft-lab-ci target/release/weft-lab --prefix wci bench cni --pods 50
@@ -100,11 +111,13 @@ if [ "$(id -u)" != 0 ]; then
 	skip node "needs root (network namespaces, veth, bridges)"
 	skip runtimes "needs root"
 	skip mesh "needs root"
+	skip cluster "needs root"
 	skip "bench cni" "needs root"
 else
 	tier node node_tier
 	tier mesh mesh_tier
 	tier runtimes runtimes_tier
+	tier cluster cluster_tier
 	tier "bench cni" cni_bench
 fi
 
