@@ -148,7 +148,7 @@ impl Node {
         self.ring.is_seeded() && self.free() < LOW_WATER
     }
 
-    /// Whether we may grant space to `to`, which asked: see [`DONOR_MIN_FREE`]. Its need is
+    /// Whether we may grant space to `to`, which asked (see `DONOR_MIN_FREE`). Its need is
     /// what it last reported in the ring (nothing owned counts as no free address).
     pub fn can_donate_to(&self, to: &PeerName) -> bool {
         let theirs = self.ring.free_by_peer().get(to).copied().unwrap_or(0);
