@@ -5,6 +5,7 @@ pub mod bench_cni;
 pub mod bench_mesh;
 pub mod check;
 pub mod cluster;
+pub mod e2e;
 pub mod forward;
 pub mod kube_env;
 pub mod lab;

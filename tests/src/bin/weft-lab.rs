@@ -58,6 +58,21 @@ enum Top {
     Down,
     /// All-pairs pod ping across nodes under an underlay capture: WireGuard only, or fail.
     Check,
+    /// Kubernetes' sig-network conformance tests against the running `up --cluster` lab (weft
+    /// installed): builds e2e.test, agnhost, CoreDNS and their images (first time), imports
+    /// them, applies the cluster DNS; ends with `N passed, N failed, N skipped`.
+    E2e {
+        /// Ginkgo focus (a regex on the full test name).
+        #[arg(long, default_value = weft_tests::e2e::DEFAULT_FOCUS)]
+        focus: String,
+        /// Ginkgo skip regex.
+        #[arg(long)]
+        skip: Option<String>,
+        /// Where the JUnit report (junit_01.xml) and the full output (e2e.log) go
+        /// (default: <dir>/e2e-report).
+        #[arg(long)]
+        report_dir: Option<PathBuf>,
+    },
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -181,6 +196,28 @@ async fn main() -> Result<()> {
                 );
             } else {
                 print_lab(&lab);
+            }
+        }
+        Top::E2e {
+            focus,
+            skip,
+            report_dir,
+        } => {
+            let opts = weft_tests::e2e::Options {
+                focus,
+                skip,
+                report_dir: report_dir.unwrap_or_else(|| cli.dir.join("e2e-report")),
+            };
+            let summary = weft_tests::e2e::run(&lab_dir, &opts)?;
+            for name in &summary.failed {
+                println!("FAILED  {name}");
+            }
+            for name in &summary.skipped {
+                println!("SKIPPED {name}");
+            }
+            println!("{}", summary.line());
+            if !summary.failed.is_empty() {
+                std::process::exit(1);
             }
         }
         Top::Bench(BenchCmd::Cni { pods }) => {

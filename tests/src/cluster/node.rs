@@ -282,6 +282,23 @@ impl ClusterNode {
             .context("running ctr")
     }
 
+    /// The names of the images in the node's containerd (CRI namespace).
+    pub fn image_names(&self, cluster_dir: &Path) -> Result<Vec<String>> {
+        let out = self.ctr(cluster_dir, &["images", "ls", "-q"])?;
+        if !out.status.success() {
+            bail!(
+                "listing images on {}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect())
+    }
+
     /// Imports every docker archive in `images` into the node's containerd (CRI namespace).
     pub fn import_images(&self, cluster_dir: &Path, images: &[PathBuf]) -> Result<()> {
         for tar in images {
