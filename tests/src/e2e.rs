@@ -326,23 +326,26 @@ pub fn parse_junit(xml: &str) -> Vec<Case> {
     cases
 }
 
-/// Counts the report's tests: suite nodes (`[SynchronizedBeforeSuite]`, `[ReportAfterSuite]`,
-/// ...) count only when they fail; skipped cases only when skipped at run time (a filtered-out
-/// spec's message is just "skipped").
+/// Counts the report's tests (`[It] <full name>`; the name is kept without `[It] `): suite
+/// nodes (`[SynchronizedBeforeSuite]`, `[ReportAfterSuite] ...`) count only when they fail;
+/// skipped cases only when skipped at run time (a filtered-out spec's message is just "skipped").
 pub fn summarize(cases: &[Case]) -> Summary {
     let mut s = Summary::default();
     for c in cases {
-        let suite_node = c.name.starts_with('[') && !c.name.starts_with("[sig-");
+        let (test, name) = match c.name.strip_prefix("[It] ") {
+            Some(n) => (true, n.to_string()),
+            None => (false, c.name.clone()),
+        };
         match c.status.as_str() {
-            "passed" if !suite_node => s.passed += 1,
+            "passed" if test => s.passed += 1,
             "passed" => {}
             "skipped" | "pending" => {
                 let msg = c.skip_message.as_deref().unwrap_or("skipped");
-                if !suite_node && msg != "skipped" {
-                    s.skipped.push(c.name.clone());
+                if test && msg != "skipped" {
+                    s.skipped.push(format!("{name} ({msg})"));
                 }
             }
-            _ => s.failed.push(c.name.clone()),
+            _ => s.failed.push(name),
         }
     }
     s
@@ -356,14 +359,14 @@ mod tests {
   <testsuites tests="4" disabled="0" errors="0" failures="1" time="10">
       <testsuite name="Kubernetes e2e suite" package="/x" tests="4">
           <testcase name="[SynchronizedBeforeSuite]" classname="Kubernetes e2e suite" status="passed" time="1"></testcase>
-          <testcase name="[sig-network] DNS should provide DNS for services  [Conformance]" classname="Kubernetes e2e suite" status="passed" time="3"></testcase>
-          <testcase name="[sig-network] Services should serve a basic endpoint from pods  [Conformance]" classname="Kubernetes e2e suite" status="failed" time="5">
+          <testcase name="[It] [sig-network] DNS should provide DNS for services  [Conformance]" classname="Kubernetes e2e suite" status="passed" time="3"></testcase>
+          <testcase name="[It] [sig-network] Services should serve a basic endpoint from pods  [Conformance]" classname="Kubernetes e2e suite" status="failed" time="5">
               <failure type="failed">[FAILED] timed out &amp; more</failure>
           </testcase>
-          <testcase name="[sig-network] HostPort validates [LinuxOnly] [Conformance]" classname="Kubernetes e2e suite" status="skipped" time="0">
+          <testcase name="[It] [sig-network] HostPort validates [LinuxOnly] [Conformance]" classname="Kubernetes e2e suite" status="skipped" time="0">
               <skipped message="skipped - Only supported for node OS distro [gci ubuntu]"></skipped>
           </testcase>
-          <testcase name="[sig-apps] Deployment not selected" classname="Kubernetes e2e suite" status="skipped" time="0">
+          <testcase name="[It] [sig-apps] Deployment not selected" classname="Kubernetes e2e suite" status="skipped" time="0">
               <skipped message="skipped"></skipped>
           </testcase>
           <testcase name="[ReportAfterSuite] Kubernetes e2e suite report" classname="Kubernetes e2e suite" status="passed" time="0"></testcase>
