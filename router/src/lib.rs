@@ -11,6 +11,7 @@ pub mod kube_store;
 pub mod mesh;
 pub mod meshpeer;
 pub mod net;
+pub mod overlap;
 pub mod peers;
 pub mod plan;
 pub mod reset;

@@ -62,8 +62,9 @@ pub fn decide(peers_dir: &Path, me: &PeerName, universe: Cidr, id: u64) -> Resul
 /// router gets 409 and reads it).
 pub const SEED_LEASE: &str = "weft-ring-seed";
 /// Where the seed Lease lives unless the router is told its namespace (the DaemonSet passes its
-/// own, so uninstalling weft's namespace also forgets the ring).
-pub const SEED_NAMESPACE: &str = "kube-system";
+/// own): weft's namespace, where weft's RBAC lets routers create it; uninstalling the namespace
+/// also forgets the ring.
+pub const SEED_NAMESPACE: &str = "weft";
 
 /// The cluster's seed, decided through the API server: the Lease `kube-system/weft-ring-seed`,
 /// whose annotations name the seed id, universe and peers.

@@ -440,6 +440,45 @@ impl KubeEnv {
         Ok((out.status.success(), text))
     }
 
+    /// weft's namespace, CRD and RBAC from deploy/, with the roles bound (as to the DaemonSet's
+    /// ServiceAccount) to `group`, the lab routers' identities.
+    pub fn grant_weft(&self, group: &str) -> Result<()> {
+        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let run = |args: &[&str]| -> Result<()> {
+            let (ok, out) = self.kubectl(args)?;
+            if !ok {
+                bail!("kubectl {}: {out}", args.join(" "));
+            }
+            Ok(())
+        };
+        for part in ["namespace.yaml", "crds.yaml", "rbac.yaml"] {
+            run(&["apply", "-f", &deploy.join(part).to_string_lossy()])?;
+        }
+        let group = format!("--group={group}");
+        run(&[
+            "create",
+            "clusterrolebinding",
+            "weft-lab-routers",
+            "--clusterrole=weft-router",
+            &group,
+        ])?;
+        run(&[
+            "create",
+            "rolebinding",
+            "-n",
+            "weft",
+            "weft-lab-routers",
+            "--role=weft-router",
+            &group,
+        ])?;
+        run(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/meshpeers.weft.dev",
+            "--timeout=30s",
+        ])
+    }
+
     /// Stops whatever runs from `dir` and removes it. Safe to call when nothing is there.
     pub fn down(dir: &Path) -> Result<()> {
         let mut errors = Vec::new();

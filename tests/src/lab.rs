@@ -181,29 +181,7 @@ impl Lab {
             .join()
             .map_err(|_| anyhow::anyhow!("the kube start-up thread panicked"))?
         })?;
-        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
-        let kubectl = |args: &[&str]| -> Result<()> {
-            let (ok, out) = env.kubectl(args)?;
-            if !ok {
-                bail!("kubectl {}: {out}", args.join(" "));
-            }
-            Ok(())
-        };
-        kubectl(&["apply", "-f", &deploy.join("crds.yaml").to_string_lossy()])?;
-        kubectl(&["apply", "-f", &deploy.join("rbac.yaml").to_string_lossy()])?;
-        kubectl(&[
-            "create",
-            "clusterrolebinding",
-            "weft-lab-routers",
-            "--clusterrole=weft-router",
-            "--group=weft:routers",
-        ])?;
-        kubectl(&[
-            "wait",
-            "--for=condition=Established",
-            "crd/meshpeers.weft.dev",
-            "--timeout=30s",
-        ])?;
+        env.grant_weft(crate::kube_env::ROUTER_GROUP)?;
         Ok(env.api_port)
     }
 

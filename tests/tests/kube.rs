@@ -272,15 +272,8 @@ async fn kube_peer_store_works_for_a_router_with_weft_rbac_only() {
         "without RBAC: {denied:?}"
     );
 
-    // weft's ClusterRole, bound (as in the lab) to the routers' group.
-    kubectl(&["apply", "-f", &format!("{deploy}/rbac.yaml")]);
-    kubectl(&[
-        "create",
-        "clusterrolebinding",
-        "weft-lab-routers",
-        "--clusterrole=weft-router",
-        "--group=weft:routers",
-    ]);
+    // weft's roles, bound (as in the lab) to the routers' group.
+    env.grant_weft(weft_tests::kube_env::ROUTER_GROUP).unwrap();
     let store2 = KubeStore::new(env.client("node2").await.unwrap());
     let mut rx = store2.watch();
     // RBAC propagates through the authorizer cache: retry briefly.
@@ -339,5 +332,31 @@ async fn kube_peer_store_works_for_a_router_with_weft_rbac_only() {
     assert!(
         matches!(secrets, Err(kube::Error::Api(ref e)) if e.code == 403),
         "{secrets:?}"
+    );
+    // Leases: only in weft's namespace, and only the seed Lease by name.
+    use k8s_openapi::api::coordination::v1::Lease;
+    let router = env.client("node1").await.unwrap();
+    let lease = |name: &str| Lease {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let elsewhere = Api::<Lease>::namespaced(router.clone(), "kube-system")
+        .create(&PostParams::default(), &lease("weft-ring-seed"))
+        .await;
+    assert!(
+        matches!(elsewhere, Err(kube::Error::Api(ref e)) if e.code == 403),
+        "a router created a Lease in kube-system: {elsewhere:?}"
+    );
+    let weft = Api::<Lease>::namespaced(router, "weft");
+    weft.create(&PostParams::default(), &lease("weft-ring-seed"))
+        .await
+        .expect("the seed Lease in weft's namespace");
+    let other = weft.get("kube-controller-manager").await;
+    assert!(
+        matches!(other, Err(kube::Error::Api(ref e)) if e.code == 403),
+        "a router read a Lease other than the seed: {other:?}"
     );
 }

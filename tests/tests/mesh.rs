@@ -146,7 +146,7 @@ fn three_nodes_mesh_on_the_real_api_server() {
             "get",
             "lease",
             "-n",
-            "kube-system",
+            "weft",
             "weft-ring-seed",
             "-o",
             "jsonpath={.metadata.annotations}",

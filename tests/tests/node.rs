@@ -290,3 +290,57 @@ fn pods_ping_each_other_and_the_gateway_and_keep_addresses_across_router_restart
     assert!(ping(&c.netns, &a.ip));
     let _ = &mut t;
 }
+
+/// A universe that overlaps the node's own addresses is refused at start, naming the overlap,
+/// before anything is created (no bridge, no WireGuard interface, no state).
+#[test]
+fn router_refuses_a_universe_that_overlaps_the_node() {
+    let ns = format!("wovl{}", std::process::id() % 100_000);
+    netns::add(&ns).unwrap();
+    struct Gone(String);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = netns::delete(&self.0);
+        }
+    }
+    let _gone = Gone(ns.clone());
+    for args in [
+        vec![
+            "-n", &ns, "link", "add", "ovl0", "type", "veth", "peer", "name", "ovl1",
+        ],
+        vec!["-n", &ns, "addr", "add", "10.40.1.1/24", "dev", "ovl0"],
+        vec!["-n", &ns, "link", "set", "ovl0", "up"],
+    ] {
+        netns::ip(&args).unwrap();
+    }
+    let dir = std::env::temp_dir().join(format!("weft-overlap-{}", std::process::id()));
+    let bin = weft_tests::lab::bin_dir().unwrap().join("weft-router");
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(&bin)
+        .args(["--node", "n1", "--endpoint", "10.40.1.1:51820"])
+        .args(["--wg-interface", "ovlwg", "--bridge", "ovlbr"])
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--socket")
+        .arg(dir.join("sock"))
+        .arg("--peers-dir")
+        .arg(dir.join("peers"))
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "router started: {err}");
+    assert!(
+        err.contains("overlaps address on ovl0 10.40.1.1/24")
+            && err.contains("nothing was changed"),
+        "{err}"
+    );
+    let links = netns::exec(&ns, &["ip", "-o", "link", "show"]).unwrap();
+    assert!(
+        !links.contains("ovlwg") && !links.contains("ovlbr"),
+        "{links}"
+    );
+    assert!(!dir.join("state/ipam.state").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -68,6 +68,10 @@ struct Args {
     /// (one file per node in --peers-dir, shared by the nodes: the lab's store).
     #[arg(long, env = "WEFT_PEER_STORE", default_value = "dir", value_parser = ["dir", "kube"])]
     peer_store: String,
+    /// The cluster's Service range (kube-apiserver's --service-cluster-ip-range): the pod
+    /// universe must not overlap it, nor the node's addresses and routes (checked at start).
+    #[arg(long, env = "WEFT_SERVICE_CIDR")]
+    service_cidr: Option<String>,
     /// Namespace of weft's own objects (the ring's seed Lease): the DaemonSet's.
     #[arg(long, env = "POD_NAMESPACE", default_value = router::seed::SEED_NAMESPACE)]
     namespace: String,
@@ -184,6 +188,28 @@ async fn publish_status(store: KubeStore, handle: Handle, key: String) {
     }
 }
 
+/// Stops before any change when the universe collides with the node's addresses, its routes or
+/// the Service range: pods there would shadow them, or they the pods.
+async fn refuse_overlaps(cfg: &Config, service_cidr: Option<&str>) -> Result<()> {
+    let mut claims =
+        router::overlap::host_claims(&[cfg.bridge.as_str(), cfg.wg_interface.as_str()]).await?;
+    if let Some(s) = service_cidr {
+        let c: Cidr = s.parse().context("--service-cidr")?;
+        claims.push(router::overlap::Claim {
+            what: "the Service range".into(),
+            addr: c.addr(),
+            prefix: c.prefix(),
+        });
+    }
+    let conflicts = router::overlap::conflicts(cfg.universe, &claims);
+    anyhow::ensure!(
+        conflicts.is_empty(),
+        "refusing to start, nothing was changed: {}; choose a free block for --universe (WEFT_UNIVERSE)",
+        conflicts.join("; ")
+    );
+    Ok(())
+}
+
 /// Installs the conflist once the node can serve pods (ring seeded, gateway up), and again if
 /// someone removes it while the router runs.
 async fn install_cni_conf_when_ready(handle: Handle, dir: PathBuf, socket: PathBuf) {
@@ -241,6 +267,7 @@ async fn main() -> Result<()> {
         wg_interface: a.wg_interface.clone(),
     };
     info!(node = %cfg.node, universe = %cfg.universe, bridge = %cfg.bridge, mtu = cfg.mtu, state = %cfg.state_dir.display(), "starting");
+    refuse_overlaps(&cfg, a.service_cidr.as_deref()).await?;
     let store = Store::new(&cfg.state_dir)?;
     // The key names this node in the ring, so it must not outlive the IPAM state: with the state
     // gone, the same name would take back ranges whose allocations nobody knows any more.
