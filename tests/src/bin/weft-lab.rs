@@ -133,6 +133,14 @@ enum BenchCmd {
         #[arg(long, default_value_t = 50)]
         pods: usize,
     },
+    /// On a 3-node lab cluster: create to Running and reachable for N pods, weft (DaemonSet)
+    /// vs bridge + host-local, alternating rounds; ends with `ratio pod_ready_p50=<x>`.
+    Pods {
+        #[arg(long, default_value_t = 30)]
+        pods: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -225,6 +233,20 @@ async fn main() -> Result<()> {
             let (weft, reference) =
                 weft_tests::bench_cni::bench(&bench_dir, &format!("{}b", cli.prefix), pods)?;
             weft_tests::bench_cni::print(pods, &weft, &reference);
+        }
+        Top::Bench(BenchCmd::Pods { pods, rounds }) => {
+            // The cluster lab's flow is kubectl and shell all the way: the script is the bench.
+            let script =
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/bench-pods.sh");
+            let status = std::process::Command::new("bash")
+                .arg(&script)
+                .arg(rounds.to_string())
+                .arg(pods.to_string())
+                .env("WEFT_LAB_DIR", cli.dir.join("bench-pods"))
+                .env("WEFT_LAB_PREFIX", format!("{}p", cli.prefix))
+                .status()
+                .map_err(|e| anyhow::anyhow!("running {}: {e}", script.display()))?;
+            anyhow::ensure!(status.success(), "{} failed ({status})", script.display());
         }
         Top::Bench(BenchCmd::Join { joins }) => {
             let mut times = weft_tests::bench_mesh::join(
