@@ -76,7 +76,7 @@ round() {
 			echo "bench pods: only ${#done[@]} of $pods pods reachable after 180 s" >&2
 			return 1
 		fi
-		while read -r name ip node; do
+		while IFS='|' read -r name ip node; do
 			[ -n "$ip" ] && [ -z "${done[$name]:-}" ] || continue
 			if ! [[ $ip =~ $want ]]; then
 				echo "bench pods: $name got $ip, not from the CNI under test ($want)" >&2
@@ -86,7 +86,7 @@ round() {
 				done[$name]=1
 				awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.3f\n", b - a }'
 			fi
-		done < <(k get pods -l app=bench -o jsonpath='{range .items[*]}{.metadata.name} {.status.podIP} {.spec.nodeName}{"\n"}{end}')
+		done < <(k get pods -l app=bench -o jsonpath='{range .items[*]}{.metadata.name}|{.status.podIP}|{.spec.nodeName}{"\n"}{end}')
 		sleep 0.2
 	done
 	k delete pods -l app=bench --wait=true >/dev/null
