@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 
 use ipam::{AllocKey, Node};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use weft_node_api::{
     AllocateRequest, Allocation, ApiError, Attachment, GcRequest, GcResult, Health, PodAddress,
     Released, RingPeer, Status,
@@ -89,6 +89,8 @@ struct Actor {
     /// The last failed save of the IPAM state: the change was rolled back, and the node is not
     /// ready until a save succeeds again.
     save_failed: Option<String>,
+    /// When each peer last asked us for space (rate limit).
+    asked_by: std::collections::BTreeMap<ipam::PeerName, std::time::Instant>,
 }
 
 impl Actor {
@@ -338,6 +340,15 @@ impl Actor {
     }
 
     async fn gossip(&mut self, inbound: Inbound) {
+        if matches!(inbound.msg, ipam::Message::SpaceRequest) {
+            // One space request per peer per second: a peer asking in a loop gets nothing more.
+            let now = std::time::Instant::now();
+            let last = self.asked_by.insert(inbound.from.clone(), now);
+            if last.is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(1)) {
+                debug!(peer = %inbound.from, "space request within a second of the last: dropped");
+                return;
+            }
+        }
         let before = self.node.clone();
         let owned_before = self.node.owned();
         match self.node.handle(&inbound.from, &inbound.msg) {
@@ -428,6 +439,12 @@ impl Actor {
 
     async fn peers(&mut self, nodes: Vec<plan::Node>) {
         let Some(mesh) = &mut self.mesh else { return };
+        let (nodes, forged): (Vec<_>, Vec<_>) = nodes.into_iter().partition(|n| {
+            crate::keys::mesh_address_matches(&n.spec.public_key, &n.spec.mesh_address)
+        });
+        for n in forged {
+            warn!(peer = %n.name, mesh_address = %n.spec.mesh_address, "ignoring a MeshPeer whose meshAddress is not derived from its publicKey (forged or corrupt: delete it and let its router publish again)");
+        }
         let me = mesh.me.name.clone();
         let known: std::collections::BTreeSet<ipam::PeerName> =
             mesh.peers.keys().cloned().collect();
@@ -521,6 +538,7 @@ impl Handle {
                 refused: None,
                 asked_at: None,
                 save_failed: None,
+                asked_by: Default::default(),
             }
             .run(rx),
         );

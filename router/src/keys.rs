@@ -102,6 +102,17 @@ impl Identity {
     }
 }
 
+/// Whether `mesh_address` is the one `public_key_base64` yields: a MeshPeer that fails this is
+/// forged or corrupt (it would claim another node's gossip identity) and is ignored.
+pub fn mesh_address_matches(public_key_base64: &str, mesh_address: &str) -> bool {
+    let Ok(key) = B64.decode(public_key_base64.trim()) else {
+        return false;
+    };
+    mesh_address
+        .parse::<Ipv6Addr>()
+        .is_ok_and(|a| key.len() == 32 && a == self::mesh_address(&key))
+}
+
 /// A node's name in the IPAM ring: `<node>/<8 hex digits of SHA-256 of its public key>`. The key
 /// lives next to the IPAM state and is replaced with it (see the router's start-up), so a node
 /// that lost its state joins the ring as a new peer instead of taking back ranges whose
@@ -125,6 +136,21 @@ pub fn mesh_address(public_key: &[u8]) -> Ipv6Addr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mesh_address_must_come_from_the_key() {
+        let dir = std::env::temp_dir().join(format!("weft-key-match-{}", std::process::id()));
+        let (a, b) = (
+            Identity::load_or_create(&dir.join("a")).unwrap(),
+            Identity::load_or_create(&dir.join("b")).unwrap(),
+        );
+        let (ka, ma) = (a.public_base64(), a.mesh_address().to_string());
+        assert!(mesh_address_matches(&ka, &ma));
+        assert!(!mesh_address_matches(&ka, &b.mesh_address().to_string()));
+        assert!(!mesh_address_matches("not base64!", &ma));
+        assert!(!mesh_address_matches(&ka, "fd77::1"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn created_once_reused_and_private() {

@@ -20,6 +20,9 @@ use crate::Result;
 /// UDP port of ring gossip, on mesh addresses only.
 pub const GOSSIP_PORT: u16 = 6784;
 
+/// The largest UDP payload over IPv6 (65535 minus the 8-byte UDP header; no jumbograms).
+const MAX_DATAGRAM: usize = 65_527;
+
 /// Mesh address → ring name of every known peer: whom a gossip packet's source address speaks
 /// for. Shared by the actor (which writes it from the peer store) and the receive loop.
 pub type SenderIndex = Arc<std::sync::RwLock<BTreeMap<Ipv6Addr, PeerName>>>;
@@ -58,10 +61,20 @@ impl Mesh {
         peers: SenderIndex,
     ) -> Result<Mesh> {
         let bind = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), GOSSIP_PORT);
-        let socket = Arc::new(UdpSocket::bind(bind).await.map_err(crate::Error::io(
+        let socket = UdpSocket::bind(bind).await.map_err(crate::Error::io(
             "binding the gossip socket",
             format!("{bind}"),
-        ))?);
+        ))?;
+        // Only what arrived through WireGuard — decrypted, so authenticated by the peer's key —
+        // reaches the socket: a packet with a spoofed mesh source from the underlay or a pod
+        // never does.
+        socket
+            .bind_device(Some(device.name().as_bytes()))
+            .map_err(crate::Error::io(
+                "binding the gossip socket to the WireGuard interface",
+                device.name(),
+            ))?;
+        let socket = Arc::new(socket);
         let rx = socket.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 65536];
@@ -122,12 +135,16 @@ impl Mesh {
             return;
         };
         let bytes = encode_message(me, msg);
+        if bytes.len() > MAX_DATAGRAM {
+            warn!(peer = %to, bytes = bytes.len(), "gossip message larger than a UDP datagram: not sent (the ring has too many entries for one message)");
+            return;
+        }
         if let Err(e) = self
             .socket
             .send_to(&bytes, SocketAddr::new(IpAddr::V6(addr), GOSSIP_PORT))
             .await
         {
-            debug!(peer = %to, %addr, "gossip send: {e}");
+            warn!(peer = %to, %addr, "sending gossip: {e}");
         }
     }
 }

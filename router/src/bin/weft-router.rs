@@ -127,6 +127,7 @@ async fn publish_status(store: KubeStore, handle: Handle, key: String) {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
     let mut last: Option<(Vec<String>, bool, Option<String>)> = None;
     let mut since = k8s_openapi::jiff::Timestamp::now();
+    let mut refresh = 0u32;
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tick.tick().await;
@@ -134,7 +135,10 @@ async fn publish_status(store: KubeStore, handle: Handle, key: String) {
             continue;
         };
         let now = (s.owned.clone(), s.ready, s.refused_gossip.clone());
-        if last.as_ref() == Some(&now) {
+        // Unchanged: skip, but not forever — a MeshPeer deleted and published again starts
+        // with an empty status.
+        refresh = (refresh + 1) % 15;
+        if last.as_ref() == Some(&now) && refresh != 0 {
             continue;
         }
         if last.as_ref().map(|l| l.1) != Some(s.ready) {
@@ -377,6 +381,7 @@ async fn main() -> Result<()> {
     let (inbound_tx, mut inbound_rx) = tokio::sync::mpsc::channel(256);
     let index = Arc::new(RwLock::new(BTreeMap::new()));
     let me_spec_key = me_spec.public_key.clone();
+    let (me_node_name, me_spec_copy) = (cfg.node.clone(), me_spec.clone());
     let me_node = plan::Node {
         name: cfg.node.clone(),
         spec: me_spec,
@@ -395,9 +400,18 @@ async fn main() -> Result<()> {
     });
     let h = handle.clone();
     let mut watch = peers.watch();
+    let (store, me_name, spec) = (peers.clone(), me_node_name.clone(), me_spec_copy);
     tokio::spawn(async move {
         loop {
             let snapshot = watch.borrow_and_update().clone();
+            // Our own MeshPeer deleted (by hand, by a mistaken cleanup): publish it again, or
+            // the other nodes would drop us from the mesh for good.
+            if !snapshot.is_empty() && !snapshot.iter().any(|n| n.name == me_name) {
+                match store.publish(&me_name, &spec).await {
+                    Ok(()) => warn!(node = %me_name, "our MeshPeer was gone: published it again"),
+                    Err(e) => warn!(node = %me_name, "re-publishing our deleted MeshPeer: {e}"),
+                }
+            }
             h.tell_peers(snapshot).await;
             if watch.changed().await.is_err() {
                 return;
