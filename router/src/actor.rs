@@ -91,6 +91,12 @@ struct Actor {
     save_failed: Option<String>,
     /// When each peer last asked us for space (rate limit).
     asked_by: std::collections::BTreeMap<ipam::PeerName, std::time::Instant>,
+    /// Reclaiming dead peers' ranges: the lock and the grace period (`None`: never).
+    reclaim: Option<(crate::reclaim::Lock, std::time::Duration)>,
+    orphans: ipam::Orphans,
+    /// Whether the peer store has sent its view yet (before that, everyone looks dead).
+    peers_synced: bool,
+    started: std::time::Instant,
 }
 
 impl Actor {
@@ -435,9 +441,52 @@ impl Actor {
         let mut out = self.ring_to(targets);
         out.extend(self.ask_for_space());
         self.send_all(out).await;
+        self.reclaim_orphans().await;
+    }
+
+    /// Takes over the ranges of ring peers no node speaks for any more (see [`ipam::Orphans`]),
+    /// when this router wins the peer's reclaim lock.
+    async fn reclaim_orphans(&mut self) {
+        let (Some((lock, grace)), Some(mesh)) = (self.reclaim.clone(), &self.mesh) else {
+            return;
+        };
+        if !self.peers_synced || !self.node.ring().is_seeded() {
+            return;
+        }
+        let live: std::collections::BTreeSet<ipam::PeerName> = mesh.peers.keys().cloned().collect();
+        let now = self.started.elapsed().as_millis() as u64;
+        let due = self.orphans.due(
+            self.node.ring(),
+            self.node.me(),
+            &live,
+            now,
+            grace.as_millis() as u64,
+        );
+        for dead in due {
+            self.orphans.forget(&dead);
+            match lock.take(&dead, self.node.me()).await {
+                Ok(true) => {
+                    let before = self.node.clone();
+                    let ranges = self.node.reclaim(&dead);
+                    if self.commit(before) {
+                        info!(peer = %dead, ranges = ?ranges.iter().map(|r| r.to_string()).collect::<Vec<_>>(), grace = ?grace, "reclaimed the ranges of a ring peer no node speaks for (Node deleted, or its node lost its state)");
+                        self.settle().await;
+                        let out = self.broadcast();
+                        self.send_all(out).await;
+                    }
+                }
+                Ok(false) => {
+                    debug!(peer = %dead, "another router holds the reclaim lock: its gossip will bring the ranges")
+                }
+                Err(e) => {
+                    warn!(peer = %dead, "taking the reclaim lock: {e}; retrying after the grace period")
+                }
+            }
+        }
     }
 
     async fn peers(&mut self, nodes: Vec<plan::Node>) {
+        self.peers_synced = true;
         let Some(mesh) = &mut self.mesh else { return };
         let (nodes, forged): (Vec<_>, Vec<_>) = nodes.into_iter().partition(|n| {
             crate::keys::mesh_address_matches(&n.spec.public_key, &n.spec.mesh_address)
@@ -525,6 +574,7 @@ impl Handle {
         store: Store,
         mesh: Option<Mesh>,
         index: SenderIndex,
+        reclaim: Option<(crate::reclaim::Lock, std::time::Duration)>,
     ) -> Handle {
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(
@@ -539,6 +589,10 @@ impl Handle {
                 asked_at: None,
                 save_failed: None,
                 asked_by: Default::default(),
+                reclaim,
+                orphans: Default::default(),
+                peers_synced: false,
+                started: std::time::Instant::now(),
             }
             .run(rx),
         );

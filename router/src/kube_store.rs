@@ -19,6 +19,7 @@ pub const FIELD_MANAGER: &str = "weft-router";
 #[derive(Clone)]
 pub struct KubeStore {
     api: Api<MeshPeer>,
+    nodes: Api<k8s_openapi::api::core::v1::Node>,
 }
 
 impl std::fmt::Debug for KubeStore {
@@ -50,7 +51,8 @@ fn to_nodes(mut peers: Vec<MeshPeer>) -> Vec<Node> {
 impl KubeStore {
     pub fn new(client: kube::Client) -> Self {
         KubeStore {
-            api: Api::all(client),
+            api: Api::all(client.clone()),
+            nodes: Api::all(client),
         }
     }
 
@@ -119,7 +121,23 @@ impl KubeStore {
 
 impl PeerStore for KubeStore {
     async fn publish(&self, name: &str, spec: &MeshPeerSpec) -> Result<()> {
-        let obj = MeshPeer::new(name, spec.clone());
+        let mut obj = MeshPeer::new(name, spec.clone());
+        // Owned by its Node: deleting the Node deletes the MeshPeer (garbage collector), the
+        // other routers drop the WireGuard peer, and its ring ranges become orphans to reclaim.
+        match self.nodes.get_opt(name).await {
+            Ok(Some(node)) => {
+                use kube::Resource;
+                obj.metadata.owner_references = node.controller_owner_ref(&()).map(|mut o| {
+                    o.controller = Some(false);
+                    o.block_owner_deletion = None;
+                    vec![o]
+                });
+            }
+            Ok(None) => {
+                warn!(node = %name, "no Node object of that name: the MeshPeer has no owner and outlives a Node deletion")
+            }
+            Err(e) => warn!(node = %name, "looking up the Node to own the MeshPeer: {e}"),
+        }
         let pp = PatchParams::apply(FIELD_MANAGER).force();
         self.api
             .patch(name, &pp, &Patch::Apply(&obj))

@@ -14,6 +14,7 @@ pub mod net;
 pub mod overlap;
 pub mod peers;
 pub mod plan;
+pub mod reclaim;
 pub mod reset;
 pub mod seed;
 pub mod server;

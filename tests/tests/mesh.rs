@@ -166,3 +166,114 @@ fn three_nodes_mesh_on_the_real_api_server() {
     let mut t = t;
     peers_join_and_restart(&mut t);
 }
+
+fn ring_peers(lab: &Lab, n: usize) -> Vec<(String, Vec<String>)> {
+    let s: weft_node_api::Status = weft_node_api::client::call(
+        &lab.nodes[n].node_api_socket,
+        "GET",
+        weft_node_api::PATH_STATUS,
+        None::<&()>,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    s.ring_peers
+        .into_iter()
+        .map(|p| (p.name, p.cidrs))
+        .collect()
+}
+
+/// Waits until nodes `live` agree on a ring without `gone` (a ring peer name prefix) in it.
+fn wait_reclaimed(lab: &Lab, live: &[usize], gone: &str) -> Vec<(String, Vec<String>)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let views: Vec<_> = live.iter().map(|&n| ring_peers(lab, n)).collect();
+        let agreed = views.windows(2).all(|w| w[0] == w[1]);
+        if agreed && !views[0].iter().any(|(p, _)| p.starts_with(gone)) {
+            return views[0].clone();
+        }
+        assert!(Instant::now() < deadline, "{gone} not reclaimed: {views:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// A node that is gone (router stopped, MeshPeer removed: what a Node deletion does through the
+/// MeshPeer's ownerReference) has its ranges reclaimed by exactly one live router after the
+/// grace period; a node that lost its state comes back as a new ring peer (never re-seeding) and
+/// its old identity's ranges are reclaimed the same way.
+#[test]
+fn dead_and_amnesiac_nodes_are_reclaimed() {
+    // Routers the lab starts inherit it: a short grace period for the test.
+    std::env::set_var("WEFT_RECLAIM_GRACE", "2");
+    let prefix = format!("wr{}", std::process::id() % 100_000);
+    let dir = std::env::temp_dir().join(format!("weft-test-{prefix}"));
+    let lab = Lab::up(&dir, &prefix, 3, 1).unwrap_or_else(|e| {
+        let _ = Lab::down(&dir, &prefix);
+        panic!("lab up: {e:#}")
+    });
+    let t = TestLab {
+        lab,
+        dir,
+        prefix: prefix.clone(),
+    };
+    converge(&t.lab, "after up");
+    let before = ring_peers(&t.lab, 0);
+    assert_eq!(before.len(), 3, "{before:?}");
+
+    // node3 gone.
+    let started = Instant::now();
+    t.lab.stop_router(2).unwrap();
+    std::fs::remove_file(t.lab.dir.join("peers/meshpeers/node3.json")).unwrap();
+    let after = wait_reclaimed(&t.lab, &[0, 1], "node3/");
+    println!(
+        "node3's ranges reclaimed after {:?}: {after:?}",
+        started.elapsed()
+    );
+    let locks: Vec<_> = std::fs::read_dir(t.lab.dir.join("peers"))
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("reclaim-node3-")
+        })
+        .collect();
+    assert_eq!(locks.len(), 1, "one reclaim lock for node3");
+    let cidrs = |v: &[(String, Vec<String>)]| {
+        let mut all: Vec<String> = v.iter().flat_map(|(_, c)| c.clone()).collect();
+        all.sort();
+        all
+    };
+    // Nothing lost: the same address space, now among two peers.
+    let sum = |v: &[(String, Vec<String>)]| -> u64 {
+        cidrs(v)
+            .iter()
+            .map(|c| 1u64 << (32 - c.split('/').nth(1).unwrap().parse::<u32>().unwrap()))
+            .sum()
+    };
+    assert_eq!(sum(&after), sum(&before));
+
+    // node2 loses its state dir and restarts: a new identity, the old one reclaimed.
+    let old2 = before
+        .iter()
+        .find(|(p, _)| p.starts_with("node2/"))
+        .unwrap()
+        .0
+        .clone();
+    t.lab.stop_router(1).unwrap();
+    let state = &t.lab.nodes[1].state_dir;
+    std::fs::remove_dir_all(state).unwrap();
+    std::fs::create_dir_all(state).unwrap();
+    t.lab.start_router(1).unwrap();
+    let after = wait_reclaimed(&t.lab, &[0, 1], &old2);
+    let new2: Vec<_> = after
+        .iter()
+        .filter(|(p, c)| p.starts_with("node2/") && !c.is_empty())
+        .collect();
+    assert_eq!(
+        new2.len(),
+        1,
+        "node2 back as a new ring peer with space: {after:?}"
+    );
+    assert_eq!(sum(&after), sum(&before), "{after:?}");
+    println!("node2 came back as {} and {old2} was reclaimed", new2[0].0);
+}

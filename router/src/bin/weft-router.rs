@@ -72,6 +72,10 @@ struct Args {
     /// universe must not overlap it, nor the node's addresses and routes (checked at start).
     #[arg(long, env = "WEFT_SERVICE_CIDR")]
     service_cidr: Option<String>,
+    /// Seconds a ring peer must be without a MeshPeer (its Node deleted, or its node back with
+    /// a new identity after losing its state) before one live router reclaims its ranges.
+    #[arg(long, env = "WEFT_RECLAIM_GRACE", default_value_t = 30.0)]
+    reclaim_grace: f64,
     /// Namespace of weft's own objects (the ring's seed Lease): the DaemonSet's.
     #[arg(long, env = "POD_NAMESPACE", default_value = router::seed::SEED_NAMESPACE)]
     namespace: String,
@@ -391,7 +395,15 @@ async fn main() -> Result<()> {
     let socket = cfg.socket.clone();
     let userspace_wg =
         (mesh.device.backend() == router::wg::Backend::Userspace).then(|| a.wg_interface.clone());
-    let handle = Handle::spawn(cfg, node, store, Some(mesh), index);
+    let lock = match &kube {
+        Some(client) => router::reclaim::Lock::Kube {
+            client: client.clone(),
+            namespace: a.namespace.clone(),
+        },
+        None => router::reclaim::Lock::Dir(cfg.peers_dir.clone()),
+    };
+    let reclaim = Some((lock, Duration::from_secs_f64(a.reclaim_grace)));
+    let handle = Handle::spawn(cfg, node, store, Some(mesh), index, reclaim);
     let h = handle.clone();
     tokio::spawn(async move {
         while let Some(m) = inbound_rx.recv().await {
