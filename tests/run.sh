@@ -94,6 +94,13 @@ cluster_tier() {
 	bash tests/cluster/weft.sh
 }
 
+conformance_tier() {
+	# Kubernetes' own sig-network conformance tests (e2e.test, agnhost, CoreDNS built from Go
+	# modules on first use, about 4 minutes, then cached in ~/.cache/weft/e2e/) on a fresh 3-node
+	# lab cluster with weft: a fast subset here; `bash tests/e2e/conformance.sh --all` runs all 47.
+	bash tests/e2e/conformance.sh
+}
+
 cni_bench() {
 	ensure_packages containernetworking-plugins
 	WEFT_LAB_DIR=/run/weft-lab-ci target/release/weft-lab --prefix wci bench cni --pods 50
@@ -112,12 +119,14 @@ if [ "$(id -u)" != 0 ]; then
 	skip runtimes "needs root"
 	skip mesh "needs root"
 	skip cluster "needs root"
+	skip conformance "needs root"
 	skip "bench cni" "needs root"
 else
 	tier node node_tier
 	tier mesh mesh_tier
 	tier runtimes runtimes_tier
 	tier cluster cluster_tier
+	tier conformance conformance_tier
 	tier "bench cni" cni_bench
 fi
 

@@ -69,7 +69,7 @@ enum Top {
         #[arg(long)]
         skip: Option<String>,
         /// Where the JUnit report (junit_01.xml) and the full output (e2e.log) go
-        /// (default: <dir>/e2e-report).
+        /// (default: `<dir>/e2e-report`).
         #[arg(long)]
         report_dir: Option<PathBuf>,
     },
