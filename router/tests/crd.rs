@@ -1,5 +1,5 @@
 //! deploy/crds.yaml must be exactly what the Rust types generate, and deploy/weft.yaml exactly
-//! its parts (namespace, CRD, RBAC, DaemonSet) in order. `WEFT_REGEN=1` rewrites both instead.
+//! its parts (namespace, CRD, RBAC, admission policy, DaemonSet) in order. `WEFT_REGEN=1` rewrites both instead.
 
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
 
@@ -27,13 +27,24 @@ fn deploy_crds_match_the_rust_types() {
 fn deploy_manifest_is_its_parts() {
     let mut out = String::from(
         "# weft: a WireGuard-encrypted mesh CNI. `kubectl apply -f weft.yaml` installs it.\n\
-         # Generated from deploy/{namespace,crds,rbac,daemonset}.yaml by\n\
+         # Generated from deploy/{namespace,crds,rbac,policy,daemonset}.yaml by\n\
          # `WEFT_REGEN=1 cargo test -p weft-router --test crd`; edit those, not this file.\n",
     );
-    // crds.yaml itself is checked against the types by the test above.
-    for part in ["namespace.yaml", "crds.yaml", "rbac.yaml", "daemonset.yaml"] {
+    // The CRD from the types, not from crds.yaml: with WEFT_REGEN the test above may be
+    // rewriting that file while this one runs.
+    for part in [
+        "namespace.yaml",
+        "crds.yaml",
+        "rbac.yaml",
+        "policy.yaml",
+        "daemonset.yaml",
+    ] {
         out.push_str("---\n");
-        out.push_str(&read(part));
+        out.push_str(&if part == "crds.yaml" {
+            router::meshpeer::crd_yaml()
+        } else {
+            read(part)
+        });
     }
     check("weft.yaml", &out);
 }

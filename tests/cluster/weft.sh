@@ -121,6 +121,22 @@ for p in $(k -n weft get pods -o name); do
 	check "$p: wg show lists 2 peers with a handshake" test "$hs" = 2
 done
 
+# ---- trust, enforced by the API server: node1's router token writes only MeshPeer node1 ---------
+w1=$(k -n weft get pods --field-selector spec.nodeName=node1 -o jsonpath='{.items[0].metadata.name}')
+token=$(k -n weft exec "$w1" -- cat /var/run/secrets/kubernetes.io/serviceaccount/token)
+server=$(k config view --minify -o jsonpath='{.clusters[0].cluster.server}')
+as_node1() { env -u KUBECONFIG "$kubectl" --server="$server" --insecure-skip-tls-verify=true --token="$token" "$@"; }
+denied=$(as_node1 patch meshpeer node2 --type merge -p '{"spec":{"location":"elsewhere"}}' --dry-run=server 2>&1 || true)
+check "node1's router cannot change MeshPeer node2 (admission policy)" grep -q "may only write MeshPeer node1, not node2" <<<"$denied"
+echo "     $denied" | head -n1
+check "node1's router may change its own MeshPeer" \
+	quiet as_node1 patch meshpeer node1 --type merge -p '{"spec":{"location":"here"}}' --dry-run=server
+check "node1's router cannot delete MeshPeer node3" \
+	grep -q Forbidden <<<"$(as_node1 delete meshpeer node3 --dry-run=server 2>&1 || true)"
+check "node1's router cannot touch Leases in kube-system" \
+	grep -q Forbidden <<<"$(as_node1 -n kube-system delete lease kube-scheduler --dry-run=server 2>&1 || true)"
+check "node1's router cannot read Secrets" grep -q Forbidden <<<"$(as_node1 get secrets -A 2>&1 || true)"
+
 # ---- rolling update to a new image tag: addresses kept, lost pings counted -------------------
 before=$(k get pods -l app=web -o jsonpath='{range .items[*]}{.metadata.name}={.status.podIP} {end}')
 src=$(awk '$3=="node1"{print $1; exit}' <<<"$pods")
