@@ -20,6 +20,13 @@ check() { # check <what> <command...>
 }
 k() { "$kubectl" "$@"; }
 quiet() { "$@" >/dev/null; }
+eventually() { # eventually <seconds> <command...>: true once the command is, within the time
+	local until=$((SECONDS + $1)); shift
+	until "$@"; do [ $SECONDS -lt $until ] || return 1; sleep 1; done
+}
+meshpeers_ready() {
+	test "$(k get meshpeers -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | grep -c True)" = 3
+}
 trap '[ "${WEFT_LAB_KEEP:-0}" = 1 ] || "$lab" down >/dev/null 2>&1 || true' EXIT
 
 start=$SECONDS
@@ -39,7 +46,7 @@ ready_s=$((SECONDS - t0))
 echo "apply -> all nodes Ready: ${ready_s} s (from cluster start: $((SECONDS - start)) s)"
 check "all 3 nodes Ready after kubectl apply" test "$(k get nodes --no-headers | grep -c ' Ready ')" = 3
 check "weft DaemonSet rolled out" k -n weft rollout status ds/weft --timeout=60s
-check "3 MeshPeers Ready" test "$(k get meshpeers -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | grep -c True)" = 3
+check "3 MeshPeers Ready (status published within 30 s)" eventually 30 meshpeers_ready
 
 # ---- workloads ---------------------------------------------------------------------------
 cat <<'YAML' | k apply -f - >/dev/null
@@ -154,7 +161,7 @@ recv=$(sed -n 's/.* \([0-9]*\) packets received.*/\1/p' <<<"$summary")
 echo "rolling update: ${roll_s} s; pod ping node1 -> node3 every 0.2 s: sent=${sent:-?} received=${recv:-?} lost=$((${sent:-0} - ${recv:-0}))"
 after=$(k get pods -l app=web -o jsonpath='{range .items[*]}{.metadata.name}={.status.podIP} {end}')
 check "pods keep their addresses across the rolling update" test "$before" = "$after"
-check "all 3 MeshPeers Ready after the roll" test "$(k get meshpeers -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | grep -c True)" = 3
+check "all 3 MeshPeers Ready after the roll" eventually 30 meshpeers_ready
 check "pods still reach each other after the roll" \
 	test "$(k exec "$src" -- sh -c "for d in $ips; do timeout 3 wget -qO- http://\$d:8080/ || echo FAIL; done" | grep -c '^web-')" = 6
 

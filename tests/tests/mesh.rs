@@ -219,10 +219,58 @@ fn dead_and_amnesiac_nodes_are_reclaimed() {
     let before = ring_peers(&t.lab, 0);
     assert_eq!(before.len(), 3, "{before:?}");
 
+    // Fail closed: node1 gets a default route through node3's underlay address (every real node
+    // has a default route; this is the worst one), then node3 leaves the mesh while node1's pod
+    // pings node3's pod. Its packets must be dropped, never sent in plaintext.
+    let (n1, n3) = (&t.lab.nodes[0], &t.lab.nodes[2]);
+    netns::ip(&[
+        "-n",
+        &n1.netns,
+        "route",
+        "add",
+        "default",
+        "via",
+        &n3.underlay_ip,
+    ])
+    .unwrap();
+    let sw = format!("{prefix}-sw");
+    let capture = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", &sw, "tcpdump", "-i", "sw0", "-n", "-l", "-U", "icmp",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
     // node3 gone.
     let started = Instant::now();
     t.lab.stop_router(2).unwrap();
     std::fs::remove_file(t.lab.dir.join("peers/meshpeers/node3.json")).unwrap();
+    std::thread::sleep(Duration::from_millis(1500)); // node1 drops node3's WireGuard peer
+    let (pod1, pod3) = (&n1.pods[0], &n3.pods[0]);
+    let ping = netns::exec(
+        &pod1.netns,
+        &["ping", "-c", "5", "-i", "0.2", "-W", "1", &pod3.ip],
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(capture.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let seen = String::from_utf8_lossy(&capture.wait_with_output().unwrap().stdout).into_owned();
+    let plaintext: Vec<&str> = seen.lines().filter(|l| l.contains(&pod3.ip)).collect();
+    println!(
+        "node3 out of the mesh, pod {} -> {}: {} plaintext packets on the underlay",
+        pod1.ip,
+        pod3.ip,
+        plaintext.len()
+    );
+    assert!(plaintext.is_empty(), "plaintext pod traffic: {plaintext:?}");
+    assert!(
+        ping.is_err(),
+        "a pod of a node out of the mesh answered: {ping:?}"
+    );
     let after = wait_reclaimed(&t.lab, &[0, 1], "node3/");
     println!(
         "node3's ranges reclaimed after {:?}: {after:?}",
