@@ -17,6 +17,15 @@ fn pipe(mut from: TcpStream, mut to: TcpStream) {
     let _ = to.shutdown(std::net::Shutdown::Write);
 }
 
+/// Copies both ways between an accepted connection and its upstream until both ends close.
+pub fn splice(down: TcpStream, up: TcpStream) {
+    let (Ok(down2), Ok(up2)) = (down.try_clone(), up.try_clone()) else {
+        return;
+    };
+    std::thread::spawn(move || pipe(down2, up2));
+    pipe(up, down);
+}
+
 pub fn run(netns: &str, port: u16) -> Result<()> {
     let home = std::fs::File::open("/proc/self/ns/net").context("opening our own netns")?;
     let node = std::fs::File::open(format!("/run/netns/{netns}"))
@@ -33,14 +42,9 @@ pub fn run(netns: &str, port: u16) -> Result<()> {
     for conn in listener.incoming() {
         let Ok(down) = conn else { continue };
         std::thread::spawn(move || {
-            let Ok(up) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)) else {
-                return;
-            };
-            let (Ok(down2), Ok(up2)) = (down.try_clone(), up.try_clone()) else {
-                return;
-            };
-            std::thread::spawn(move || pipe(down2, up2));
-            pipe(up, down);
+            if let Ok(up) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)) {
+                splice(down, up);
+            }
         });
     }
     Ok(())

@@ -214,25 +214,7 @@ impl Lab {
 
     fn add_node(&self, i: usize, router: &Path, cni: &Path) -> Result<LabNode> {
         let name = format!("node{i}");
-        let ns = format!("{}-{name}", self.prefix);
-        let sw = format!("{}-sw", self.prefix);
-        let underlay_ip = format!("10.99.0.{}", 10 + i);
-        netns::add(&ns)?;
-        // The switch end keeps the node's name; the node end becomes eth0 in the node.
-        netns::ip(&[
-            "-n", &sw, "link", "add", &name, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-        ])?;
-        netns::ip(&["-n", &sw, "link", "set", &name, "master", "sw0", "up"])?;
-        netns::ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{underlay_ip}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        netns::ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        let (ns, underlay_ip) = netns::add_node_on_switch(&self.prefix, i)?;
 
         let home = self.dir.join(&name);
         if let Some(port) = self.api_port {

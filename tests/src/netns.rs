@@ -39,6 +39,24 @@ pub fn exec(ns: &str, cmd: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Creates `<prefix>-node<i>` on the lab's switch `<prefix>-sw`: a veth named `node<i>` on the
+/// switch's bridge sw0, `eth0` with 10.99.0.(10+i)/24 in the node. Returns (namespace, address).
+pub fn add_node_on_switch(prefix: &str, i: usize) -> Result<(String, String)> {
+    let name = format!("node{i}");
+    let ns = format!("{prefix}-{name}");
+    let sw = format!("{prefix}-sw");
+    let underlay_ip = format!("10.99.0.{}", 10 + i);
+    add(&ns)?;
+    ip(&[
+        "-n", &sw, "link", "add", &name, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+    ])?;
+    ip(&["-n", &sw, "link", "set", &name, "master", "sw0", "up"])?;
+    let addr = format!("{underlay_ip}/24");
+    ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
+    ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+    Ok((ns, underlay_ip))
+}
+
 pub fn add(ns: &str) -> Result<()> {
     ip(&["netns", "add", ns])?;
     ip(&["-n", ns, "link", "set", "lo", "up"])

@@ -4,18 +4,12 @@
 //! listener is on the host's loopback, and every upstream connection is made by a thread that
 //! has entered the control-plane namespace (a network namespace is a per-thread attribute).
 
-use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use nix::sched::{setns, CloneFlags};
-
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
-    let _ = io::copy(&mut from, &mut to);
-    let _ = to.shutdown(std::net::Shutdown::Write);
-}
 
 pub fn run(netns: &str, port: u16, to: SocketAddr) -> Result<()> {
     let target = Arc::new(
@@ -35,14 +29,9 @@ pub fn run(netns: &str, port: u16, to: SocketAddr) -> Result<()> {
             if setns(target.as_fd(), CloneFlags::CLONE_NEWNET).is_err() {
                 return;
             }
-            let Ok(up) = TcpStream::connect(to) else {
-                return;
-            };
-            let (Ok(down2), Ok(up2)) = (down.try_clone(), up.try_clone()) else {
-                return;
-            };
-            std::thread::spawn(move || pipe(down2, up2));
-            pipe(up, down);
+            if let Ok(up) = TcpStream::connect(to) {
+                crate::forward::splice(down, up);
+            }
         });
     }
     Ok(())

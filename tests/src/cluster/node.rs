@@ -116,24 +116,7 @@ impl ClusterNode {
 /// Creates node `i`'s network namespace on the switch and its mount namespace (the holder).
 pub fn create(lab: &Path, prefix: &str, i: usize) -> Result<ClusterNode> {
     let name = format!("node{i}");
-    let ns = format!("{prefix}-{name}");
-    let sw = format!("{prefix}-sw");
-    let underlay_ip = format!("10.99.0.{}", 10 + i);
-    netns::add(&ns)?;
-    netns::ip(&[
-        "-n", &sw, "link", "add", &name, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-    ])?;
-    netns::ip(&["-n", &sw, "link", "set", &name, "master", "sw0", "up"])?;
-    netns::ip(&[
-        "-n",
-        &ns,
-        "addr",
-        "add",
-        &format!("{underlay_ip}/24"),
-        "dev",
-        "eth0",
-    ])?;
-    netns::ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+    let (ns, underlay_ip) = netns::add_node_on_switch(prefix, i)?;
     // The switch's address leads nowhere: the lab has no way out, by design.
     netns::ip(&["-n", &ns, "route", "add", "default", "via", SWITCH_GATEWAY])?;
     netns::exec(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
