@@ -36,7 +36,7 @@ fn add(conf: &NetConf, env: &Env) -> Result<String> {
     let (ifname, at) = (env.ifname.as_str(), ns_name.as_str());
     ns.run(|| nl::run(|h| async move { pod::ensure_absent(&h, ifname, at).await }))?;
 
-    let attachment = env.attachment();
+    let attachment = env.attachment(&conf.name);
     let request = AllocateRequest {
         attachment: attachment.clone(),
         netns: ns_name,
@@ -113,7 +113,7 @@ fn del(conf: &NetConf, env: &Env) -> Result<()> {
     let ifname = env.ifname.as_str();
     let host = veth::host_name(&env.container_id, ifname);
     // The kernel takes ~20 ms to unregister a veth: release the address meanwhile.
-    let (socket, attachment) = (conf.socket.clone(), env.attachment());
+    let (socket, attachment) = (conf.socket.clone(), env.attachment(&conf.name));
     let release = std::thread::spawn(move || router::release(&socket, &attachment));
     let mut errors = Vec::new();
     let mut pair_gone = false;
@@ -202,7 +202,7 @@ fn check(conf: &NetConf, env: &Env) -> Result<()> {
             )));
         }
     }
-    let a = env.attachment();
+    let a = env.attachment(&conf.name);
     let alloc = match router::lookup(&conf.socket, &a)? {
         Some(alloc) if alloc.ip == want_ip => alloc,
         Some(alloc) => {
@@ -251,7 +251,7 @@ fn gc(conf: &NetConf) -> Result<()> {
              a missing list as \"nothing is valid\")",
         )
     })?;
-    let result = router::gc(&conf.socket, valid)?;
+    let result = router::gc(&conf.socket, &conf.name, valid)?;
     let names: Vec<String> = result
         .released
         .iter()

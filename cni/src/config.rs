@@ -103,13 +103,14 @@ impl NetConf {
         };
         Ok(NetConf {
             cni_version,
-            name: raw.name,
+            name: raw.name.clone(),
             socket,
             mtu: raw.mtu,
             prev_result: raw.prev_result,
             attachments: raw.valid_attachments.or(raw.attachments).map(|list| {
                 list.into_iter()
                     .map(|a| Attachment {
+                        network: raw.name.clone(),
                         container_id: a.container_id,
                         ifname: a.ifname,
                     })
@@ -193,8 +194,10 @@ impl Env {
         })
     }
 
-    pub fn attachment(&self) -> Attachment {
+    /// This attachment on network `network` (the configuration's `name`).
+    pub fn attachment(&self, network: &str) -> Attachment {
         Attachment {
+            network: network.into(),
             container_id: self.container_id.clone(),
             ifname: self.ifname.clone(),
         }
@@ -286,6 +289,7 @@ mod tests {
         assert_eq!(
             c.attachments.unwrap(),
             vec![Attachment {
+                network: "weft".into(),
                 container_id: "abc".into(),
                 ifname: "eth0".into()
             }]

@@ -59,7 +59,10 @@ fn call<T: DeserializeOwned>(
 }
 
 fn describe(a: &Attachment) -> String {
-    format!("container {} ifname {}", a.container_id, a.ifname)
+    format!(
+        "network {} container {} ifname {}",
+        a.network, a.container_id, a.ifname
+    )
 }
 
 pub fn allocate(socket: &Path, req: &AllocateRequest) -> Result<Allocation> {
@@ -82,7 +85,8 @@ pub fn release(socket: &Path, a: &Attachment) -> Result<Released> {
 /// The router's allocation for `a`, `None` if it has none.
 pub fn lookup(socket: &Path, a: &Attachment) -> Result<Option<Allocation>> {
     let path = format!(
-        "{PATH_LOOKUP}?container_id={}&ifname={}",
+        "{PATH_LOOKUP}?network={}&container_id={}&ifname={}",
+        query_escape(&a.network),
         query_escape(&a.container_id),
         query_escape(&a.ifname)
     );
@@ -97,16 +101,19 @@ pub fn lookup(socket: &Path, a: &Attachment) -> Result<Option<Allocation>> {
     }
 }
 
-pub fn gc(socket: &Path, valid: Vec<Attachment>) -> Result<GcResult> {
+pub fn gc(socket: &Path, network: &str, valid: Vec<Attachment>) -> Result<GcResult> {
     let what = format!(
-        "garbage-collecting allocations ({} still valid)",
+        "garbage-collecting the allocations of network {network} ({} still valid)",
         valid.len()
     );
     call(
         socket,
         "POST",
         PATH_GC,
-        Some(&GcRequest { valid }),
+        Some(&GcRequest {
+            network: network.into(),
+            valid,
+        }),
         TIMEOUT,
         &what,
     )

@@ -124,7 +124,7 @@ fn route(method: &str, path: &str, query: &str, body: &[u8], st: &mut FakeState)
             let gone: Vec<Attachment> = st
                 .allocations
                 .keys()
-                .filter(|a| !req.valid.contains(a))
+                .filter(|a| a.network == req.network && !req.valid.contains(a))
                 .cloned()
                 .collect();
             let released = gone
@@ -140,6 +140,7 @@ fn route(method: &str, path: &str, query: &str, body: &[u8], st: &mut FakeState)
             let params: BTreeMap<&str, &str> =
                 query.split('&').filter_map(|p| p.split_once('=')).collect();
             let a = Attachment {
+                network: params["network"].into(),
                 container_id: params["container_id"].into(),
                 ifname: params["ifname"].into(),
             };
@@ -672,6 +673,7 @@ fn gc_releases_stale_attachments_and_their_veths() {
     assert_eq!(
         left,
         vec![Attachment {
+            network: "weft".into(),
             container_id: "c1".into(),
             ifname: "eth0".into()
         }]

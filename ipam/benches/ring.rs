@@ -55,10 +55,10 @@ fn allocate_release(c: &mut Criterion) {
     })
     .expect("seed");
     for i in 0..1000 {
-        node.allocate(AllocKey::pod(&format!("pod-{i}"), "eth0"))
+        node.allocate(AllocKey::pod("weft", &format!("pod-{i}"), "eth0"))
             .expect("space");
     }
-    let key = AllocKey::pod("bench", "eth0");
+    let key = AllocKey::pod("weft", "bench", "eth0");
     c.bench_function("allocate + release (1000 pods on the node)", |bench| {
         bench.iter(|| {
             black_box(node.allocate(key.clone()).expect("space"));

@@ -291,6 +291,11 @@ pub fn decode_ring(input: &[u8]) -> Result<Ring> {
 const KIND_RING: u8 = 1;
 const KIND_SPACE_REQUEST: u8 = 2;
 
+/// A pod allocation written before allocations recorded their network: read with network "".
+const ALLOC_POD_UNSCOPED: u8 = 0;
+const ALLOC_RESERVED: u8 = 1;
+const ALLOC_POD: u8 = 2;
+
 /// A message on the wire, with its sender's name (which the transport checks against the mesh
 /// peer it arrived from).
 pub fn encode_message(from: &PeerName, msg: &Message) -> Vec<u8> {
@@ -331,15 +336,17 @@ pub fn encode_state(me: &PeerName, ring: &Ring, space: &Space) -> Vec<u8> {
         w.0.extend_from_slice(&u32::from(addr).to_be_bytes());
         match key {
             AllocKey::Pod {
+                network,
                 container_id,
                 ifname,
             } => {
-                w.0.push(0);
+                w.0.push(ALLOC_POD);
+                w.bytes(network.as_bytes());
                 w.bytes(container_id.as_bytes());
                 w.bytes(ifname.as_bytes());
             }
             AllocKey::Reserved(what) => {
-                w.0.push(1);
+                w.0.push(ALLOC_RESERVED);
                 w.bytes(what.as_bytes());
             }
         }
@@ -358,8 +365,11 @@ pub fn decode_state(input: &[u8]) -> Result<crate::Node> {
         for _ in 0..n {
             let addr = Ipv4Addr::from(r.u32()?);
             let key = match r.u8()? {
-                0 => AllocKey::pod(r.str("container id")?, r.str("ifname")?),
-                1 => AllocKey::Reserved(r.str("reserved name")?.into()),
+                ALLOC_POD_UNSCOPED => AllocKey::pod("", r.str("container id")?, r.str("ifname")?),
+                ALLOC_RESERVED => AllocKey::Reserved(r.str("reserved name")?.into()),
+                ALLOC_POD => {
+                    AllocKey::pod(r.str("network")?, r.str("container id")?, r.str("ifname")?)
+                }
                 k => return Err(DecodeError::Invalid(format!("unknown allocation kind {k}"))),
             };
             allocs.push((addr, key));
@@ -432,11 +442,34 @@ mod tests {
     fn state_round_trips_with_allocations() {
         let mut node = crate::Node::new(PeerName::new("a"), ring().universe()).unwrap();
         node.seed(ring().seed().unwrap().clone()).unwrap();
-        let a = node.allocate(AllocKey::pod("c1", "eth0")).unwrap();
+        let a = node.allocate(AllocKey::pod("weft", "c1", "eth0")).unwrap();
         node.allocate(AllocKey::Reserved("gateway".into())).unwrap();
         let back = decode_state(&encode_state(node.me(), node.ring(), node.space())).unwrap();
-        assert_eq!(back.space().lookup(&AllocKey::pod("c1", "eth0")), Some(a));
+        assert_eq!(
+            back.space().lookup(&AllocKey::pod("weft", "c1", "eth0")),
+            Some(a)
+        );
         assert_eq!(back.ring(), node.ring());
         assert_eq!(back.space().len(), 2);
+    }
+
+    #[test]
+    fn state_from_before_networks_reads_pods_with_an_empty_network() {
+        let mut node = crate::Node::new(PeerName::new("a"), ring().universe()).unwrap();
+        node.seed(ring().seed().unwrap().clone()).unwrap();
+        let addr = node.allocate(AllocKey::pod("weft", "c1", "eth0")).unwrap();
+        let mut w = Writer::start(STATE_MAGIC);
+        w.bytes(b"a");
+        write_ring(&mut w, node.ring());
+        w.varint(1);
+        w.0.extend_from_slice(&u32::from(addr).to_be_bytes());
+        w.0.push(ALLOC_POD_UNSCOPED);
+        w.bytes(b"c1");
+        w.bytes(b"eth0");
+        let back = decode_state(&w.finish()).unwrap();
+        assert_eq!(
+            back.space().lookup(&AllocKey::pod("", "c1", "eth0")),
+            Some(addr)
+        );
     }
 }

@@ -178,7 +178,7 @@ impl Sim {
     /// Allocates the peer's pods that do not have an address yet, as far as its space goes.
     fn allocate_pods(&mut self, i: usize) -> Result<(), SimError> {
         for pod in 0..self.cfg.pods_per_peer {
-            let key = AllocKey::pod(&format!("{i}-{pod}"), "eth0");
+            let key = AllocKey::pod("weft", &format!("{i}-{pod}"), "eth0");
             match self.peers[i].node.allocate(key) {
                 Ok(_) => {}
                 Err(Error::NoSpace(_)) => return Ok(()),

@@ -9,8 +9,11 @@ use crate::{Cidr, Error, PeerName, Range, Result};
 /// What an address is allocated to. Allocation is idempotent per key.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum AllocKey {
-    /// A pod's interface, as CNI names it: `CNI_CONTAINERID` and `CNI_IFNAME`.
+    /// A pod's interface, as CNI names an attachment: the network's name, `CNI_CONTAINERID` and
+    /// `CNI_IFNAME`. The network scopes GC: one network's (or runtime's) list of valid
+    /// attachments never frees another's.
     Pod {
+        network: String,
         container_id: String,
         ifname: String,
     },
@@ -19,8 +22,9 @@ pub enum AllocKey {
 }
 
 impl AllocKey {
-    pub fn pod(container_id: &str, ifname: &str) -> Self {
+    pub fn pod(network: &str, container_id: &str, ifname: &str) -> Self {
         AllocKey::Pod {
+            network: network.into(),
             container_id: container_id.into(),
             ifname: ifname.into(),
         }
@@ -31,9 +35,10 @@ impl fmt::Display for AllocKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             AllocKey::Pod {
+                network,
                 container_id,
                 ifname,
-            } => write!(f, "{container_id}/{ifname}"),
+            } => write!(f, "{network}:{container_id}/{ifname}"),
             AllocKey::Reserved(what) => write!(f, "reserved:{what}"),
         }
     }
@@ -256,16 +261,16 @@ mod tests {
     fn allocate_is_idempotent_and_skips_network_address() {
         let (mut s, owned) = space();
         let a = s
-            .allocate(&me(), &owned, AllocKey::pod("c1", "eth0"))
+            .allocate(&me(), &owned, AllocKey::pod("n", "c1", "eth0"))
             .unwrap();
         assert_eq!(a, Ipv4Addr::new(10, 32, 0, 1));
         assert_eq!(
-            s.allocate(&me(), &owned, AllocKey::pod("c1", "eth0"))
+            s.allocate(&me(), &owned, AllocKey::pod("n", "c1", "eth0"))
                 .unwrap(),
             a
         );
         let b = s
-            .allocate(&me(), &owned, AllocKey::pod("c1", "net1"))
+            .allocate(&me(), &owned, AllocKey::pod("n", "c1", "net1"))
             .unwrap();
         assert_ne!(a, b);
         assert_eq!(s.free_in(owned[0]), 16 - 2 - 2);
@@ -276,18 +281,18 @@ mod tests {
         let (mut s, owned) = space();
         let addrs: Vec<_> = (0..14)
             .map(|i| {
-                s.allocate(&me(), &owned, AllocKey::pod(&format!("c{i}"), "eth0"))
+                s.allocate(&me(), &owned, AllocKey::pod("n", &format!("c{i}"), "eth0"))
                     .unwrap()
             })
             .collect();
         assert!(!addrs.contains(&Ipv4Addr::new(10, 32, 0, 15)));
         assert!(matches!(
-            s.allocate(&me(), &owned, AllocKey::pod("x", "eth0")),
+            s.allocate(&me(), &owned, AllocKey::pod("n", "x", "eth0")),
             Err(Error::NoSpace(_))
         ));
-        s.release(&AllocKey::pod("c3", "eth0"));
+        s.release(&AllocKey::pod("n", "c3", "eth0"));
         assert_eq!(
-            s.allocate(&me(), &owned, AllocKey::pod("x", "eth0"))
+            s.allocate(&me(), &owned, AllocKey::pod("n", "x", "eth0"))
                 .unwrap(),
             addrs[3]
         );
@@ -298,13 +303,13 @@ mod tests {
         let (mut s, owned) = space();
         s.allocate(&me(), &owned, AllocKey::Reserved("gateway".into()))
             .unwrap();
-        s.allocate(&me(), &owned, AllocKey::pod("live", "eth0"))
+        s.allocate(&me(), &owned, AllocKey::pod("n", "live", "eth0"))
             .unwrap();
-        s.allocate(&me(), &owned, AllocKey::pod("dead", "eth0"))
+        s.allocate(&me(), &owned, AllocKey::pod("n", "dead", "eth0"))
             .unwrap();
-        let gone = s.gc(|k| k == &AllocKey::pod("live", "eth0"));
+        let gone = s.gc(|k| k == &AllocKey::pod("n", "live", "eth0"));
         assert_eq!(gone.len(), 1);
-        assert_eq!(gone[0].0, AllocKey::pod("dead", "eth0"));
+        assert_eq!(gone[0].0, AllocKey::pod("n", "dead", "eth0"));
         assert_eq!(s.len(), 2);
     }
 
@@ -314,7 +319,7 @@ mod tests {
         let mut s = Space::new(u);
         let owned = vec![u.range()];
         for i in 0..10 {
-            s.allocate(&me(), &owned, AllocKey::pod(&format!("c{i}"), "eth0"))
+            s.allocate(&me(), &owned, AllocKey::pod("n", &format!("c{i}"), "eth0"))
                 .unwrap();
         }
         let d = s.donation(&owned).unwrap();

@@ -104,7 +104,7 @@ impl Cluster {
     fn apply(&mut self, op: &Op) {
         match *op {
             Op::Allocate { peer, pod } if self.live[peer] => {
-                let key = AllocKey::pod(&format!("c{pod}"), "eth0");
+                let key = AllocKey::pod("weft", &format!("c{pod}"), "eth0");
                 let before = self.nodes[peer].space().lookup(&key);
                 match self.nodes[peer].allocate(key.clone()) {
                     Ok(addr) => assert!(before.is_none() || before == Some(addr), "not idempotent"),
@@ -113,7 +113,7 @@ impl Cluster {
                 }
             }
             Op::Release { peer, pod } if self.live[peer] => {
-                self.nodes[peer].release(&AllocKey::pod(&format!("c{pod}"), "eth0"));
+                self.nodes[peer].release(&AllocKey::pod("weft", &format!("c{pod}"), "eth0"));
             }
             Op::Gossip { from, to } if from != to && self.live[from] && self.live[to] => {
                 let msg = self.nodes[from].gossip();
@@ -315,7 +315,7 @@ proptest! {
         let mut space = Space::new(u);
         let mut model: HashMap<u16, Ipv4Addr> = HashMap::new();
         for (alloc, pod) in ops {
-            let key = AllocKey::pod(&pod.to_string(), "eth0");
+            let key = AllocKey::pod("weft", &pod.to_string(), "eth0");
             if alloc {
                 match space.allocate(&me, &owned, key) {
                     Ok(addr) => {

@@ -70,7 +70,7 @@ pub fn gateway_key() -> AllocKey {
 }
 
 fn key(a: &Attachment) -> AllocKey {
-    AllocKey::pod(&a.container_id, &a.ifname)
+    AllocKey::pod(&a.network, &a.container_id, &a.ifname)
 }
 
 struct Actor {
@@ -168,7 +168,7 @@ impl Actor {
                     self.node.release(&k);
                     return Err(e);
                 }
-                info!(container = %req.attachment.container_id, ifname = %req.attachment.ifname, netns = %req.netns, %ip, "allocated");
+                info!(network = %req.attachment.network, container = %req.attachment.container_id, ifname = %req.attachment.ifname, netns = %req.netns, %ip, "allocated");
                 self.allocation(ip)
             }
             Err(ipam::Error::NoSpace(_)) => Err(Failure::retry(format!(
@@ -198,7 +198,10 @@ impl Actor {
 
     fn gc(&mut self, req: GcRequest) -> Result<GcResult, Failure> {
         let valid: std::collections::HashSet<AllocKey> = req.valid.iter().map(key).collect();
-        let gone = self.node.gc(|k| valid.contains(k));
+        let gone = self.node.gc(|k| {
+            valid.contains(k)
+                || !matches!(k, AllocKey::Pod { network, .. } if *network == req.network)
+        });
         if !gone.is_empty() {
             self.persist()?;
         }
@@ -206,12 +209,14 @@ impl Actor {
             .into_iter()
             .filter_map(|(k, ip)| match k {
                 AllocKey::Pod {
+                    network,
                     container_id,
                     ifname,
                 } => {
-                    info!(%container_id, %ifname, %ip, "released by GC");
+                    info!(%network, %container_id, %ifname, %ip, "released by GC");
                     Some((
                         Attachment {
+                            network,
                             container_id,
                             ifname,
                         },
@@ -269,9 +274,11 @@ impl Actor {
             .allocations()
             .filter_map(|(ip, k)| match k {
                 AllocKey::Pod {
+                    network,
                     container_id,
                     ifname,
                 } => Some(PodAddress {
+                    network: network.clone(),
                     container_id: container_id.clone(),
                     ifname: ifname.clone(),
                     ip,

@@ -44,7 +44,10 @@ async fn lookup(
     h.lookup(a.clone()).await?.map(Json).ok_or_else(|| Failure {
         status: 404,
         error: api::ApiError {
-            error: format!("no allocation for {}/{}", a.container_id, a.ifname),
+            error: format!(
+                "no allocation for {}:{}/{}",
+                a.network, a.container_id, a.ifname
+            ),
             retry: false,
         },
     })

@@ -5,17 +5,23 @@
 # DNS). By default a fast subset (the test command's tier): the 4 "Networking Granular Checks:
 # Pods" tests (pod to pod, node to pod, HTTP and UDP, across nodes), two Services tests
 # (ClusterIP to one and to several ports) and DNS for Services (CoreDNS reached through a
-# ClusterIP from pods on every node). --all runs every [sig-network] [Conformance] test (47).
+# ClusterIP from pods on every node). --all runs every [sig-network] [Conformance] test (47);
+# --focus REGEX any other selection (e.g. 'NetworkPolicy|\[sig-network\].*\[Feature:').
 # Ends with `N passed, N failed, N skipped`; exits non-zero on any failure.
 #
-#   bash tests/e2e/conformance.sh [--all]   # as root, after `cargo build --release --bins`
+#   bash tests/e2e/conformance.sh [--all | --focus REGEX]   # as root, after `cargo build --release --bins`
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 export WEFT_LAB_DIR=${WEFT_LAB_DIR:-/run/weft-e2e-ci} WEFT_LAB_PREFIX=${WEFT_LAB_PREFIX:-wce}
 lab=target/release/weft-lab
 FAST='\[sig-network\] (Networking Granular Checks: Pods .*|Services should serve (a basic endpoint|multiport endpoints) from pods|DNS should provide DNS for services) +\[Conformance\]'
 focus=$FAST
-[ "${1:-}" = --all ] && focus='\[sig-network\].*\[Conformance\]'
+case "${1:-}" in
+--all) focus='\[sig-network\].*\[Conformance\]' ;;
+--focus) focus=${2:?--focus needs a regular expression} ;;
+"") ;;
+*) echo "usage: $0 [--all | --focus REGEX]" >&2; exit 2 ;;
+esac
 kubectl=$(bash tests/kube/build.sh 2>/dev/null | tail -n1)/kubectl
 trap '[ "${WEFT_LAB_KEEP:-0}" = 1 ] || "$lab" down >/dev/null 2>&1 || true' EXIT
 

@@ -41,6 +41,10 @@ impl TestLab {
         (ns, path)
     }
 
+    fn pod_path(&self, name: &str) -> String {
+        format!("/run/netns/{}-node1-{name}", self.prefix)
+    }
+
     fn cni(&self, cmd: &str, id: &str, netns: &str, conf: &Value) -> (bool, Value, String) {
         let out = self
             .lab
@@ -165,26 +169,42 @@ fn add_twice_on_same_ifname_fails_cleanly() {
     assert_eq!(pods[0].container_id, "c1");
 }
 
+/// GC is per network (CNI identifies an attachment by network name, container id and ifname):
+/// the list of one network's valid attachments must not free another network's live pods.
 #[test]
-fn gc_releases_only_dead_attachments() {
+fn gc_releases_only_dead_attachments_of_its_network() {
     let t = TestLab::new("d");
     let conf = t.conf("1.1.0");
-    for id in ["live", "dead1", "dead2"] {
+    let mut other = conf.clone();
+    other["name"] = json!("other-runtime");
+    let mut elsewhere = Value::Null;
+    for (id, conf) in [
+        ("live", &conf),
+        ("dead1", &conf),
+        ("dead2", &conf),
+        ("elsewhere", &other),
+    ] {
         let (_ns, path) = t.pod_ns(id);
-        let (ok, v, err) = t.cni("ADD", id, &path, &conf);
+        let (ok, v, err) = t.cni("ADD", id, &path, conf);
         assert!(ok, "{v} {err}");
+        elsewhere = v;
     }
+    other["prevResult"] = elsewhere;
     let mut gc = conf.clone();
     gc["cni.dev/attachments"] = json!([{"containerID": "live", "ifname": "eth0"}]);
     let (ok, v, err) = t.cni("GC", "", "", &gc);
     assert!(ok, "GC: {v} {err}");
-    let pods = t.status().pods;
-    assert_eq!(
-        pods.iter()
-            .map(|p| p.container_id.as_str())
-            .collect::<Vec<_>>(),
-        ["live"]
-    );
+    let mut pods: Vec<_> = t
+        .status()
+        .pods
+        .into_iter()
+        .map(|p| format!("{}:{}", p.network, p.container_id))
+        .collect();
+    pods.sort();
+    assert_eq!(pods, ["other-runtime:elsewhere", "weft:live"]);
+    // The other network's pod keeps its interface too: GC deletes only released host ends.
+    let (ok, v, err) = t.cni("CHECK", "elsewhere", &t.pod_path("elsewhere"), &other);
+    assert!(ok, "CHECK of the other network's pod after GC: {v} {err}");
 }
 
 #[test]

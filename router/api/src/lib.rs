@@ -30,9 +30,12 @@ pub const PATH_LOOKUP: &str = "/v1/allocation";
 pub const PATH_STATUS: &str = "/v1/status";
 pub const PATH_HEALTH: &str = "/healthz";
 
-/// One pod interface, as CNI identifies it.
+/// One pod interface, as CNI identifies an attachment: network name, container id, ifname.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Attachment {
+    /// The network configuration's `name`. Empty from a plugin older than the field.
+    #[serde(default)]
+    pub network: String,
     pub container_id: String,
     pub ifname: String,
 }
@@ -67,7 +70,11 @@ pub struct Released {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GcRequest {
-    /// Every attachment still in use; the router releases all other pod allocations.
+    /// The network being collected: only its allocations are candidates (CNI GC is per network,
+    /// so one runtime's or network's list never frees another's pods).
+    #[serde(default)]
+    pub network: String,
+    /// Every attachment of `network` still in use; the router releases that network's others.
     pub valid: Vec<Attachment>,
 }
 
@@ -84,6 +91,8 @@ pub struct Health {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodAddress {
+    #[serde(default)]
+    pub network: String,
     pub container_id: String,
     pub ifname: String,
     pub ip: Ipv4Addr,

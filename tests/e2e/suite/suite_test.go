@@ -1,6 +1,6 @@
 // Package suite is a network-only build of Kubernetes' e2e suite: the framework, the
-// `[sig-network]` tests (test/e2e/network) and the common network tests
-// (test/e2e/common/network), nothing else. `go test -c` here gives an e2e.test that takes the
+// `[sig-network]` tests (test/e2e/network), the NetworkPolicy tests (test/e2e/network/netpol) and the
+// common network tests (test/e2e/common/network), nothing else. `go test -c` here gives an e2e.test that takes the
 // same flags as upstream's (tests/e2e/build.sh builds it; `weft-lab e2e` runs it).
 //
 // TestMain is test/e2e/e2e_test.go's, less the listing of conformance tests.
@@ -27,6 +27,7 @@ import (
 	// the tests
 	_ "k8s.io/kubernetes/test/e2e/common/network"
 	_ "k8s.io/kubernetes/test/e2e/network"
+	_ "k8s.io/kubernetes/test/e2e/network/netpol"
 
 	// reconfigure framework, as upstream's suite does
 	_ "k8s.io/kubernetes/test/e2e/framework/debug/init"
