@@ -76,6 +76,16 @@ mesh_tier() {
 	cargo test --release -p weft-tests --test mesh -- --nocapture
 }
 
+chaos_tier() {
+	# Faults while pods come and go (router SIGKILLs during ADDs, a partitioned node, a deleted
+	# node, a node that lost its state) on 4 nodes and the real API server; fails unless no
+	# duplicate IP, double-owned range, lost or leaked allocation, unreclaimed range,
+	# unreachable pair or plaintext packet was seen. The long run: `weft-lab chaos` (5 nodes,
+	# 300 ops, 20 s partition).
+	WEFT_LAB_DIR=/run/weft-chaos-ci target/release/weft-lab --prefix wch chaos --seed 2026 \
+		--nodes 4 --ops 120 --partition 8
+}
+
 runtimes_tier() {
 	# Real runtimes: the harness first proves it catches broken plugins (selftest), then podman
 	# 4.3 (CNI backend) and containerd 1.6 (ctr run --cni) run containers on weft.
@@ -118,12 +128,14 @@ if [ "$(id -u)" != 0 ]; then
 	skip node "needs root (network namespaces, veth, bridges)"
 	skip runtimes "needs root"
 	skip mesh "needs root"
+	skip chaos "needs root"
 	skip cluster "needs root"
 	skip conformance "needs root"
 	skip "bench cni" "needs root"
 else
 	tier node node_tier
 	tier mesh mesh_tier
+	tier chaos chaos_tier
 	tier runtimes runtimes_tier
 	tier cluster cluster_tier
 	tier conformance conformance_tier

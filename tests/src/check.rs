@@ -64,7 +64,8 @@ pub fn converge(lab: &Lab, timeout: Duration) -> Result<Duration> {
     }
 }
 
-fn in_universe(token: &str) -> bool {
+/// Whether a token of a `tcpdump -n` line is an address (or address.port) in the pod universe.
+pub fn in_universe(token: &str) -> bool {
     let universe: Vec<&str> = UNIVERSE.split('/').collect();
     let (base, prefix) = (
         universe[0].parse::<Ipv4Addr>().map(u32::from).unwrap_or(0),

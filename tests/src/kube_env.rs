@@ -81,7 +81,13 @@ fn token() -> Result<String> {
 
 /// Builds (or finds cached) kube-apiserver, etcd and kubectl; returns their directory.
 pub fn binaries() -> Result<PathBuf> {
-    script_dir("kube/build.sh", Vec::<&OsStr>::new())
+    // Once per process: the script is quick when cached, but a chaos run calls kubectl often.
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    if let Some(d) = DIR.get() {
+        return Ok(d.clone());
+    }
+    let d = script_dir("kube/build.sh", Vec::<&OsStr>::new())?;
+    Ok(DIR.get_or_init(|| d).clone())
 }
 
 /// Runs `tests/<script>` with `args` (progress on our stderr) and returns the directory its

@@ -102,7 +102,7 @@ impl Lab {
         serde_json::from_str(&text).context("parsing lab.json")
     }
 
-    fn save(&self) -> Result<()> {
+    pub fn save(&self) -> Result<()> {
         let json = serde_json::to_string_pretty(self)?;
         std::fs::write(Self::state_file(&self.dir), json).context("writing lab.json")
     }
@@ -314,6 +314,11 @@ impl Lab {
         )
     }
 
+    /// Kills node `n`'s router with SIGKILL: a crash, nothing cleaned up.
+    pub fn kill_router(&self, n: usize) -> Result<()> {
+        procs::kill_now(&self.dir.join(&self.nodes[n].name).join("router.pid"))
+    }
+
     /// Starts node `n`'s router again and waits until it is ready.
     pub fn start_router(&self, n: usize) -> Result<()> {
         self.spawn_router(&self.nodes[n], &binary("weft-router")?)?;
@@ -396,6 +401,46 @@ impl Lab {
 
     /// Creates pod `name` on node `n`: its namespace, then CNI ADD.
     pub fn add_pod(&mut self, n: usize, name: &str) -> Result<Pod> {
+        let pod = self.attach(n, name)?;
+        self.nodes[n].pods.push(pod.clone());
+        self.save()?;
+        Ok(pod)
+    }
+
+    /// Removes pod `name` of node `n` as a runtime does: CNI DEL, then its namespace.
+    pub fn del_pod(&mut self, n: usize, name: &str) -> Result<()> {
+        let i = self.nodes[n]
+            .pods
+            .iter()
+            .position(|p| p.name == name)
+            .with_context(|| format!("no pod {name} on {}", self.nodes[n].name))?;
+        let pod = self.nodes[n].pods.remove(i);
+        self.save()?;
+        self.detach(n, &pod)
+    }
+
+    /// CNI DEL of `pod` on node `n`, then its namespace goes (also when DEL failed).
+    pub fn detach(&self, n: usize, pod: &Pod) -> Result<()> {
+        let conf = serde_json::to_vec(&self.plugin_config(n)?)?;
+        let netns_path = format!("/run/netns/{}", pod.netns);
+        let out = self.cni(n, "DEL", &pod.container_id, &netns_path, "eth0", &conf);
+        netns::delete(&pod.netns)?;
+        let out = out?;
+        if !out.ok {
+            bail!(
+                "CNI DEL for {} on {}: {}{}",
+                pod.name,
+                self.nodes[n].name,
+                out.stdout,
+                out.stderr
+            );
+        }
+        Ok(())
+    }
+
+    /// Creates pod `name`'s namespace on node `n` and runs CNI ADD; the lab does not record it.
+    /// A failed ADD leaves no namespace behind.
+    pub fn attach(&self, n: usize, name: &str) -> Result<Pod> {
         let ns = format!("{}-{}", self.nodes[n].netns, name);
         netns::add(&ns)?;
         let container_id = format!("{}-{name}", self.nodes[n].name);
@@ -428,8 +473,6 @@ impl Lab {
             ip: ip.split('/').next().unwrap_or(ip).into(),
             container_id,
         };
-        self.nodes[n].pods.push(pod.clone());
-        self.save()?;
         Ok(pod)
     }
 

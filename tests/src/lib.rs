@@ -3,6 +3,7 @@
 
 pub mod bench_cni;
 pub mod bench_mesh;
+pub mod chaos;
 pub mod check;
 pub mod cluster;
 pub mod e2e;

@@ -52,6 +52,16 @@ fn runs(pid: u32, program: &str) -> bool {
 /// Stops the process recorded in `pidfile` (TERM, then KILL after `grace`) and removes the
 /// file. A missing file or a process already gone is fine: this is also crash cleanup.
 pub fn stop(pidfile: &Path, grace: Duration) -> Result<()> {
+    signal_then_kill(pidfile, Signal::SIGTERM, grace)
+}
+
+/// Kills the process in `pidfile` with SIGKILL at once (a crash, as `kill -9` makes one) and
+/// removes the file.
+pub fn kill_now(pidfile: &Path) -> Result<()> {
+    signal_then_kill(pidfile, Signal::SIGKILL, Duration::ZERO)
+}
+
+fn signal_then_kill(pidfile: &Path, first: Signal, grace: Duration) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(pidfile) else {
         return Ok(());
     };
@@ -61,7 +71,7 @@ pub fn stop(pidfile: &Path, grace: Duration) -> Result<()> {
         .with_context(|| format!("bad pid file {}", pidfile.display()))?;
     if runs(pid, program) {
         let target = Pid::from_raw(pid as i32);
-        let _ = kill(target, Signal::SIGTERM);
+        let _ = kill(target, first);
         let deadline = Instant::now() + grace;
         while runs(pid, program) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));

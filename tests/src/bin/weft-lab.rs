@@ -73,6 +73,26 @@ enum Top {
         #[arg(long)]
         report_dir: Option<PathBuf>,
     },
+    /// Faults while pods come and go, on a fresh lab of its own (`<dir>/chaos`, namespaces
+    /// `<prefix>c-*`) on the real API server: router crashes during ADDs, a partitioned node, a
+    /// deleted node, a node that lost its state. Ends with `chaos seed=... duplicate_ips=...`;
+    /// exits 1 unless every offence count is 0.
+    Chaos {
+        /// Seed of every random choice (default: from the clock; printed either way).
+        #[arg(long)]
+        seed: Option<u64>,
+        #[arg(long, default_value_t = 5)]
+        nodes: usize,
+        /// Pod ADDs and DELs.
+        #[arg(long, default_value_t = 300)]
+        ops: usize,
+        /// Seconds one node is cut off the underlay.
+        #[arg(long, default_value_t = 20)]
+        partition: u64,
+        /// The routers' reclaim grace in seconds.
+        #[arg(long, default_value_t = 3)]
+        grace: u64,
+    },
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -225,6 +245,34 @@ async fn main() -> Result<()> {
             }
             println!("{}", summary.line());
             if !summary.failed.is_empty() {
+                std::process::exit(1);
+            }
+        }
+        Top::Chaos {
+            seed,
+            nodes,
+            ops,
+            partition,
+            grace,
+        } => {
+            let seed = seed.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            });
+            eprintln!("chaos: seed {seed} ({nodes} nodes, {ops} ops)");
+            let opts = weft_tests::chaos::Options {
+                seed,
+                nodes,
+                ops,
+                partition: std::time::Duration::from_secs(partition),
+                grace: std::time::Duration::from_secs(grace),
+            };
+            let summary =
+                weft_tests::chaos::run(&cli.dir.join("chaos"), &format!("{}c", cli.prefix), &opts)?;
+            println!("{}", summary.line());
+            if !summary.ok() {
                 std::process::exit(1);
             }
         }
