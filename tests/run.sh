@@ -51,8 +51,10 @@ unit_tests() {
 	ensure_packages iproute2 iputils-ping nftables wireguard-tools
 	# Release: the property tests and the 1000-peer simulator are CPU-bound. The simulator
 	# runs on its own with its output shown: rounds to converge and wall time.
-	cargo test --workspace --release --exclude weft-tests -- --skip sim_
+	# The CNI input fuzz (1500 runs of the weft binary) prints its count and outcomes.
+	cargo test --workspace --release --exclude weft-tests -- --skip sim_ --skip every_input_ends
 	cargo test --release -p weft-ipam --test sim -- --nocapture
+	cargo test --release -p weft-cni --test fuzz -- --nocapture
 	cargo test --release -p weft-tests --lib --bins
 }
 
