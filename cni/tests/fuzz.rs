@@ -229,7 +229,7 @@ fn run(c: &Case) -> Result<String, String> {
             if !CODES.contains(&code) {
                 return Err(format!("code {code} is not a CNI or weft code: {v}"));
             }
-            if !v["msg"].as_str().is_some_and(|m| !m.is_empty()) || !v["cniVersion"].is_string() {
+            if v["msg"].as_str().is_none_or(str::is_empty) || !v["cniVersion"].is_string() {
                 return Err(format!("error without msg or cniVersion: {v}"));
             }
             format!("code {code}")
