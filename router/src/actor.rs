@@ -84,6 +84,8 @@ struct Actor {
     index: SenderIndex,
     /// The last refused gossip (peer and reason), reported in status and the MeshPeer.
     refused: Option<String>,
+    /// Why the last ring could not be sent (too large for a datagram), until one is sent.
+    unsent: Option<String>,
     /// When we last asked a peer for space (one request in flight at a time).
     asked_at: Option<std::time::Instant>,
     /// The last failed save of the IPAM state: the change was rolled back, and the node is not
@@ -286,9 +288,11 @@ impl Actor {
                 AllocKey::Reserved(_) => None,
             })
             .collect();
+        let health = self.health();
         Status {
             node: self.cfg.node.clone(),
-            ready: self.health().ready,
+            ready: health.ready,
+            reason: health.reason,
             universe: self.cfg.universe.to_string(),
             bridge: self.cfg.bridge.clone(),
             gateway: self.gateway(),
@@ -305,6 +309,7 @@ impl Actor {
             ring_peers,
             pods,
             refused_gossip: self.refused.clone(),
+            unsent_gossip: self.unsent.clone(),
         }
     }
 
@@ -344,10 +349,13 @@ impl Actor {
         }
     }
 
-    async fn send_all(&self, out: Vec<ipam::Outgoing>) {
+    async fn send_all(&mut self, out: Vec<ipam::Outgoing>) {
         if let Some(mesh) = &self.mesh {
             for o in out {
-                mesh.send(self.node.me(), &o.to, &o.msg).await;
+                let sent = mesh.send(self.node.me(), &o.to, &o.msg).await;
+                if matches!(o.msg, ipam::Message::Ring(_)) {
+                    self.unsent = sent.err();
+                }
             }
         }
     }
@@ -593,6 +601,7 @@ impl Handle {
                 mesh,
                 index,
                 refused: None,
+                unsent: None,
                 asked_at: None,
                 save_failed: None,
                 asked_by: Default::default(),

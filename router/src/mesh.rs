@@ -125,19 +125,26 @@ impl Mesh {
         Ok(())
     }
 
-    pub async fn send(&self, me: &PeerName, to: &PeerName, msg: &Message) {
+    /// Sends one gossip message. Network errors are logged (the next round retries); a message
+    /// that cannot fit a datagram is an error for the caller to show: it will never be sent.
+    pub async fn send(&self, me: &PeerName, to: &PeerName, msg: &Message) -> Result<(), String> {
         let Some(addr) = self
             .peers
             .get(to)
             .and_then(|n| n.spec.mesh_address.parse::<Ipv6Addr>().ok())
         else {
             debug!(peer = %to, "no mesh address for gossip target");
-            return;
+            return Ok(());
         };
         let bytes = encode_message(me, msg);
         if bytes.len() > MAX_DATAGRAM {
-            warn!(peer = %to, bytes = bytes.len(), "gossip message larger than a UDP datagram: not sent (the ring has too many entries for one message)");
-            return;
+            let e = format!(
+                "gossip to {to} not sent: {} bytes is more than a UDP datagram holds ({MAX_DATAGRAM}); \
+                 the ring has too many entries for one message",
+                bytes.len()
+            );
+            warn!("{e}");
+            return Err(e);
         }
         if let Err(e) = self
             .socket
@@ -146,5 +153,6 @@ impl Mesh {
         {
             warn!(peer = %to, %addr, "sending gossip: {e}");
         }
+        Ok(())
     }
 }

@@ -633,6 +633,7 @@ mod tests {
         Status {
             node: node.into(),
             ready: true,
+            reason: "ok".into(),
             universe: "10.32.0.0/12".into(),
             bridge: "weft-br".into(),
             gateway: None,
@@ -644,6 +645,7 @@ mod tests {
             ring_peers: Vec::new(),
             pods: Vec::new(),
             refused_gossip: None,
+            unsent_gossip: None,
         }
     }
 

@@ -103,6 +103,9 @@ pub struct PodAddress {
 pub struct Status {
     pub node: String,
     pub ready: bool,
+    /// Why the router is not ready for pods ("ok" when it is).
+    #[serde(default)]
+    pub reason: String,
     pub universe: String,
     pub bridge: String,
     pub gateway: Option<Ipv4Addr>,
@@ -118,6 +121,10 @@ pub struct Status {
     /// our ranges): the ring is then not consistent across the mesh.
     #[serde(default)]
     pub refused_gossip: Option<String>,
+    /// Why this router's ring could not be sent to peers (larger than a UDP datagram), if so:
+    /// its changes then reach no one.
+    #[serde(default)]
+    pub unsent_gossip: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -129,7 +129,7 @@ async fn shutdown_signal(userspace_wg: Option<String>) {
 /// Keeps this node's MeshPeer status (short key, owned ranges, Ready) current.
 async fn publish_status(store: KubeStore, handle: Handle, key: String) {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-    let mut last: Option<(Vec<String>, bool, Option<String>)> = None;
+    let mut last: Option<(Vec<String>, bool, String, Option<String>)> = None;
     let mut since = k8s_openapi::jiff::Timestamp::now();
     let mut refresh = 0u32;
     let mut tick = tokio::time::interval(Duration::from_secs(2));
@@ -138,7 +138,14 @@ async fn publish_status(store: KubeStore, handle: Handle, key: String) {
         let Ok(s) = handle.status().await else {
             continue;
         };
-        let now = (s.owned.clone(), s.ready, s.refused_gossip.clone());
+        // Refused gossip or a ring too large to send: either way the mesh's rings differ.
+        let ring_problem = s.refused_gossip.clone().or(s.unsent_gossip.clone());
+        let now = (
+            s.owned.clone(),
+            s.ready,
+            s.reason.clone(),
+            ring_problem.clone(),
+        );
         // Unchanged: skip, but not forever — a MeshPeer deleted and published again starts
         // with an empty status.
         refresh = (refresh + 1) % 15;
@@ -157,32 +164,30 @@ async fn publish_status(store: KubeStore, handle: Handle, key: String) {
                     status: if s.ready { "True" } else { "False" }.into(),
                     reason: if s.ready { "Ready" } else { "NotReady" }.into(),
                     message: if s.ready {
-                        "node network up"
+                        "node network up".into()
                     } else {
-                        "waiting for address space"
-                    }
-                    .into(),
+                        s.reason.clone()
+                    },
                     last_transition_time: Time(since),
                     observed_generation: None,
                 },
                 Condition {
                     type_: "RingConsistent".into(),
-                    status: if s.refused_gossip.is_none() {
+                    status: if ring_problem.is_none() {
                         "True"
                     } else {
                         "False"
                     }
                     .into(),
-                    reason: if s.refused_gossip.is_none() {
-                        "Merged"
-                    } else {
-                        "GossipRefused"
+                    reason: match (&s.refused_gossip, &s.unsent_gossip) {
+                        (Some(_), _) => "GossipRefused",
+                        (None, Some(_)) => "RingTooLarge",
+                        (None, None) => "Merged",
                     }
                     .into(),
-                    message: s
-                        .refused_gossip
-                        .clone()
-                        .unwrap_or_else(|| "every ring received was merged".into()),
+                    message: ring_problem.unwrap_or_else(|| {
+                        "every ring received was merged and ours was sent".into()
+                    }),
                     last_transition_time: Time(since),
                     observed_generation: None,
                 },

@@ -61,7 +61,28 @@ enum Cmd {
     },
 }
 
+/// What needs an admin's attention, most urgent first (empty when all is well).
+fn problems(s: &Status) -> Vec<String> {
+    let mut out = Vec::new();
+    if !s.ready {
+        out.push(format!("not ready for pods: {}", s.reason));
+    }
+    if let Some(r) = &s.refused_gossip {
+        out.push(format!(
+            "ring not consistent: refused gossip {r} (another cluster's ring, or a peer changing \
+             our ranges: compare `weftctl status ipam` on both nodes)"
+        ));
+    }
+    if let Some(u) = &s.unsent_gossip {
+        out.push(format!("ring changes reach no peer: {u}"));
+    }
+    out
+}
+
 fn print_status(s: &Status, ipam: bool) {
+    for p in problems(s) {
+        println!("PROBLEM   {p}");
+    }
     if ipam {
         println!(
             "universe {}  seed {}  {} ring entries",
@@ -176,4 +197,29 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problems_come_first_and_name_what_to_do() {
+        let mut s: Status = serde_json::from_value(serde_json::json!({
+            "node": "node1", "ready": true, "reason": "ok", "universe": "10.32.0.0/12",
+            "bridge": "weft-br", "gateway": null, "mtu": 1420, "owned": [], "free": 0,
+            "seed": null, "ring_entries": 0, "ring_peers": [], "pods": []
+        }))
+        .unwrap();
+        assert!(problems(&s).is_empty());
+        s.ready = false;
+        s.reason = "waiting for the IPAM ring".into();
+        s.refused_gossip = Some("from node2/ab: another cluster's ring".into());
+        s.unsent_gossip = Some("gossip to node3/cd not sent: 70000 bytes".into());
+        let p = problems(&s);
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(p[0].starts_with("not ready for pods: waiting"), "{p:?}");
+        assert!(p[1].contains("weftctl status ipam"), "{p:?}");
+        assert!(p[2].contains("70000 bytes"), "{p:?}");
+    }
 }
