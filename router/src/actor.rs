@@ -2,6 +2,7 @@
 //! handled one at a time — no locks — and every change is on disk before its answer leaves.
 
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use ipam::{AllocKey, Node};
 use tokio::sync::{mpsc, oneshot};
@@ -13,6 +14,7 @@ use weft_node_api::{
 
 use crate::config::Config;
 use crate::mesh::{Inbound, Mesh, SenderIndex};
+use crate::metrics::Metrics;
 use crate::net::Net;
 use crate::plan;
 use crate::store::Store;
@@ -53,6 +55,8 @@ enum Request {
     Allocate(AllocateRequest, Reply<Allocation>),
     Release(Attachment, Reply<Released>),
     Gc(GcRequest, Reply<GcResult>),
+    /// The WireGuard peers as `weftctl peers` and the metrics show them.
+    MeshState(Reply<Vec<weft_node_api::PeerInfo>>),
     Lookup(Attachment, Reply<Option<Allocation>>),
     Status(Reply<Status>),
     Health(Reply<Health>),
@@ -99,6 +103,7 @@ struct Actor {
     /// Whether the peer store has sent its view yet (before that, everyone looks dead).
     peers_synced: bool,
     started: std::time::Instant,
+    metrics: Arc<Metrics>,
 }
 
 impl Actor {
@@ -253,6 +258,70 @@ impl Actor {
         Health { ready, reason }
     }
 
+    /// Every WireGuard peer with its node, ring ranges and live state from the device.
+    fn mesh_peers(&self) -> Vec<weft_node_api::PeerInfo> {
+        let Some(mesh) = &self.mesh else {
+            return Vec::new();
+        };
+        let live: std::collections::BTreeMap<String, (crate::wg::PeerState, crate::plan::WgPeer)> =
+            match (mesh.device.peer_states(), mesh.device.peers()) {
+                (Ok(states), Ok(peers)) => states
+                    .into_iter()
+                    .filter_map(|s| {
+                        let p = peers.iter().find(|p| p.public_key == s.public_key)?.clone();
+                        Some((s.public_key.clone(), (s, p)))
+                    })
+                    .collect(),
+                (Err(e), _) | (_, Err(e)) => {
+                    warn!("reading the WireGuard device for peer state: {e}");
+                    Default::default()
+                }
+            };
+        let ring = self.node.ring();
+        mesh.peers
+            .values()
+            .filter(|n| n.name != mesh.me.name)
+            .map(|n| {
+                let ring_name = n.ring_name();
+                let (state, wg) = match live.get(&n.spec.public_key) {
+                    Some((s, p)) => (Some(s), Some(p)),
+                    None => (None, None),
+                };
+                let endpoint = wg.and_then(|p| p.endpoint);
+                let endpoint_kind = match endpoint {
+                    None => "none".to_string(),
+                    Some(ep) => n
+                        .spec
+                        .endpoints
+                        .iter()
+                        .find(|e| e.address.parse().ok() == Some(ep))
+                        .map_or("learned".to_string(), |e| e.kind.to_string()),
+                };
+                weft_node_api::PeerInfo {
+                    node: n.name.clone(),
+                    ring_name: ring_name.to_string(),
+                    public_key: n.spec.public_key.clone(),
+                    endpoint: endpoint.map(|e| e.to_string()),
+                    endpoint_kind,
+                    allowed_ips: wg.map(|p| p.allowed_ips.clone()).unwrap_or_default(),
+                    ranges: ring
+                        .owned_cidrs(&ring_name)
+                        .iter()
+                        .map(|c| c.to_string())
+                        .collect(),
+                    last_handshake_secs: state.and_then(|s| s.last_handshake).and_then(|t| {
+                        std::time::SystemTime::now()
+                            .duration_since(t)
+                            .ok()
+                            .map(|d| d.as_secs())
+                    }),
+                    rx_bytes: state.map_or(0, |s| s.rx_bytes),
+                    tx_bytes: state.map_or(0, |s| s.tx_bytes),
+                }
+            })
+            .collect()
+    }
+
     fn status(&self) -> Status {
         let ring = self.node.ring();
         let free = ring.free_by_peer();
@@ -293,6 +362,14 @@ impl Actor {
             node: self.cfg.node.clone(),
             ready: health.ready,
             reason: health.reason,
+            backend: match &self.mesh {
+                Some(m) => match m.device.backend() {
+                    crate::wg::Backend::Kernel => "kernel",
+                    crate::wg::Backend::Userspace => "userspace",
+                },
+                None => "none",
+            }
+            .into(),
             universe: self.cfg.universe.to_string(),
             bridge: self.cfg.bridge.clone(),
             gateway: self.gateway(),
@@ -343,9 +420,11 @@ impl Actor {
             (None, None) => {}
         }
         if let Some(mesh) = &self.mesh {
+            let t0 = std::time::Instant::now();
             if let Err(e) = mesh.reconcile(self.node.ring()) {
                 warn!("reconciling WireGuard peers: {e}");
             }
+            self.metrics.reconciled(t0.elapsed());
         }
     }
 
@@ -362,6 +441,7 @@ impl Actor {
 
     async fn gossip(&mut self, inbound: Inbound) {
         if matches!(inbound.msg, ipam::Message::SpaceRequest) {
+            self.metrics.space_requests_received.inc();
             // One space request per peer per second: a peer asking in a loop gets nothing more.
             let now = std::time::Instant::now();
             let last = self.asked_by.insert(inbound.from.clone(), now);
@@ -392,6 +472,7 @@ impl Actor {
                 self.send_all(out).await;
             }
             Err(e) => {
+                self.metrics.gossip_refused.inc();
                 warn!(peer = %inbound.from, "refused gossip: {e}");
                 self.refused = Some(format!("from {}: {e}", inbound.from));
             }
@@ -416,6 +497,7 @@ impl Actor {
             .collect();
         if !out.is_empty() {
             self.asked_at = Some(std::time::Instant::now());
+            self.metrics.space_requests_sent.inc();
         }
         out
     }
@@ -557,6 +639,7 @@ impl Actor {
                     drop(tx.send(found.map(|ip| self.allocation(ip)).transpose()));
                 }
                 Request::Status(tx) => drop(tx.send(Ok(self.status()))),
+                Request::MeshState(tx) => drop(tx.send(Ok(self.mesh_peers()))),
                 Request::Health(tx) => drop(tx.send(Ok(self.health()))),
                 Request::Gossip(inbound) => self.gossip(inbound).await,
                 Request::Peers(nodes) => self.peers(nodes).await,
@@ -575,6 +658,7 @@ impl Actor {
 #[derive(Clone, Debug)]
 pub struct Handle {
     tx: mpsc::Sender<Request>,
+    metrics: Arc<Metrics>,
 }
 
 fn gone<T>() -> Result<T, Failure> {
@@ -592,6 +676,7 @@ impl Handle {
         reclaim: Option<(crate::reclaim::Lock, std::time::Duration)>,
     ) -> Handle {
         let (tx, rx) = mpsc::channel(256);
+        let metrics = Arc::new(Metrics::new());
         tokio::spawn(
             Actor {
                 cfg,
@@ -609,10 +694,11 @@ impl Handle {
                 orphans: Default::default(),
                 peers_synced: false,
                 started: std::time::Instant::now(),
+                metrics: metrics.clone(),
             }
             .run(rx),
         );
-        Handle { tx }
+        Handle { tx, metrics }
     }
 
     /// Sends a message that needs no answer (gossip, peer updates, ticks).
@@ -650,6 +736,15 @@ impl Handle {
 
     pub async fn lookup(&self, a: Attachment) -> Result<Option<Allocation>, Failure> {
         self.ask(|tx| Request::Lookup(a, tx)).await
+    }
+
+    pub async fn mesh_peers(&self) -> Result<Vec<weft_node_api::PeerInfo>, Failure> {
+        self.ask(Request::MeshState).await
+    }
+
+    /// What this router counts (for the node API server and `/metrics`).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub async fn status(&self) -> Result<Status, Failure> {

@@ -10,6 +10,7 @@ pub mod keys;
 pub mod kube_store;
 pub mod mesh;
 pub mod meshpeer;
+pub mod metrics;
 pub mod net;
 pub mod overlap;
 pub mod peers;

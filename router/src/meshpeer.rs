@@ -62,6 +62,16 @@ pub enum EndpointKind {
     Forced,
 }
 
+impl std::fmt::Display for EndpointKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EndpointKind::Internal => "internal",
+            EndpointKind::External => "external",
+            EndpointKind::Forced => "forced",
+        })
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MeshPeerStatus {

@@ -22,25 +22,42 @@ impl IntoResponse for Failure {
 
 type Answer<T> = Result<Json<T>, Failure>;
 
+/// Runs one of the CNI plugin's requests, recording its latency and failure in the metrics.
+async fn timed<T>(h: &Handle, op: &str, f: impl Future<Output = Answer<T>>) -> Answer<T> {
+    let t0 = std::time::Instant::now();
+    let r = f.await;
+    h.metrics()
+        .api_request(op, t0.elapsed(), r.as_ref().err().map(|f| f.status));
+    r
+}
+
 async fn allocate(
     State(h): State<Handle>,
     Json(r): Json<api::AllocateRequest>,
 ) -> Answer<api::Allocation> {
-    h.allocate(r).await.map(Json)
+    timed(&h, "allocate", async { h.allocate(r).await.map(Json) }).await
 }
 
 async fn release(State(h): State<Handle>, Json(a): Json<api::Attachment>) -> Answer<api::Released> {
-    h.release(a).await.map(Json)
+    timed(&h, "release", async { h.release(a).await.map(Json) }).await
 }
 
 async fn gc(State(h): State<Handle>, Json(r): Json<api::GcRequest>) -> Answer<api::GcResult> {
-    h.gc(r).await.map(Json)
+    timed(&h, "gc", async { h.gc(r).await.map(Json) }).await
+}
+
+async fn peers(State(h): State<Handle>) -> Answer<Vec<api::PeerInfo>> {
+    h.mesh_peers().await.map(Json)
 }
 
 async fn lookup(
     State(h): State<Handle>,
     Query(a): Query<api::Attachment>,
 ) -> Answer<api::Allocation> {
+    timed(&h, "lookup", lookup_inner(&h, a)).await
+}
+
+async fn lookup_inner(h: &Handle, a: api::Attachment) -> Answer<api::Allocation> {
     h.lookup(a.clone()).await?.map(Json).ok_or_else(|| Failure {
         status: 404,
         error: api::ApiError {
@@ -72,6 +89,7 @@ pub fn routes(h: Handle) -> Router {
         .route(api::PATH_GC, post(gc))
         .route(api::PATH_LOOKUP, get(lookup))
         .route(api::PATH_STATUS, get(status))
+        .route(api::PATH_PEERS, get(peers))
         .route(api::PATH_HEALTH, get(health))
         .with_state(h)
 }

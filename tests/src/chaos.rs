@@ -630,23 +630,12 @@ mod tests {
     use super::*;
 
     fn status(node: &str, owned: &[&str]) -> Status {
-        Status {
-            node: node.into(),
-            ready: true,
-            reason: "ok".into(),
-            universe: "10.32.0.0/12".into(),
-            bridge: "weft-br".into(),
-            gateway: None,
-            mtu: 1420,
-            owned: owned.iter().map(|s| s.to_string()).collect(),
-            free: 0,
-            seed: None,
-            ring_entries: 0,
-            ring_peers: Vec::new(),
-            pods: Vec::new(),
-            refused_gossip: None,
-            unsent_gossip: None,
-        }
+        serde_json::from_value(serde_json::json!({
+            "node": node, "ready": true, "universe": "10.32.0.0/12", "bridge": "weft-br",
+            "gateway": null, "mtu": 1420, "owned": owned, "free": 0, "seed": null,
+            "ring_entries": 0, "ring_peers": [], "pods": []
+        }))
+        .unwrap()
     }
 
     #[test]

@@ -325,3 +325,101 @@ fn dead_and_amnesiac_nodes_are_reclaimed() {
     assert_eq!(sum(&after), sum(&before), "{after:?}");
     println!("node2 came back as {} and {old2} was reclaimed", new2[0].0);
 }
+
+/// The metrics a node serves, parsed by a Prometheus text parser, agree with `wg show` (the
+/// device) and `weftctl status` (the router); `weftctl peers` names the peer and its endpoint.
+#[test]
+fn metrics_agree_with_wg_show_and_weftctl() {
+    let prefix = format!("wm{}", std::process::id() % 100_000);
+    let dir = std::env::temp_dir().join(format!("weft-test-{prefix}"));
+    let lab = Lab::up(&dir, &prefix, 2, 1).unwrap_or_else(|e| {
+        let _ = Lab::down(&dir, &prefix);
+        panic!("lab up: {e:#}")
+    });
+    let t = TestLab { lab, dir, prefix };
+    converge(&t.lab, "after up");
+    let n1 = &t.lab.nodes[0];
+    let wg = n1.wg_interface.clone().unwrap();
+
+    let text = netns::exec(&n1.netns, &["curl", "-sf", "http://127.0.0.1:6782/metrics"]).unwrap();
+    let dump = netns::exec(&n1.netns, &["wg", "show", &wg, "dump"]).unwrap();
+    let status: weft_node_api::Status = weft_node_api::client::call(
+        &n1.node_api_socket,
+        "GET",
+        weft_node_api::PATH_STATUS,
+        None::<&()>,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .unwrap_or_else(|e| panic!("unparsable metrics: {e}\n{text}"));
+    let value = |name: &str, peer: Option<&str>| -> f64 {
+        let s = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && peer.is_none_or(|p| s.labels.get("peer") == Some(p)))
+            .unwrap_or_else(|| panic!("no sample {name} {peer:?} in\n{text}"));
+        match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            ref other => panic!("{name}: unexpected {other:?}"),
+        }
+    };
+    println!("metrics: {} samples from node1", scrape.samples.len());
+
+    assert_eq!(value("weft_ready", None), 1.0);
+    assert_eq!(value("weft_ipam_free_addresses", None), status.free as f64);
+    assert_eq!(value("weft_ipam_pods", None), status.pods.len() as f64);
+    assert_eq!(value("weft_ipam_ranges", None), status.owned.len() as f64);
+
+    // The peer line of `wg show dump`: key, psk, endpoint, allowed, handshake, rx, tx, keepalive.
+    let peer: Vec<&str> = dump.lines().nth(1).unwrap().split('\t').collect();
+    let (handshake, rx, tx): (u64, f64, f64) = (
+        peer[4].parse().unwrap(),
+        peer[5].parse().unwrap(),
+        peer[6].parse().unwrap(),
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let age = value("weft_peer_last_handshake_seconds", Some("node2"));
+    assert!(
+        (age - (now - handshake) as f64).abs() <= 2.0,
+        "handshake age {age} vs wg show's {}",
+        now - handshake
+    );
+    // Gossip keeps flowing between the scrape and `wg show`: equal or a little more there.
+    for (name, wg_value) in [
+        ("weft_peer_receive_bytes_total", rx),
+        ("weft_peer_transmit_bytes_total", tx),
+    ] {
+        let m = value(name, Some("node2"));
+        assert!(
+            m > 0.0 && m <= wg_value && wg_value - m < 65536.0,
+            "{name} {m} vs wg show {wg_value}"
+        );
+    }
+
+    let weftctl = weft_tests::lab::bin_dir().unwrap().join("weftctl");
+    let out = std::process::Command::new(&weftctl)
+        .arg("--socket")
+        .arg(&n1.node_api_socket)
+        .args(["peers", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "weftctl peers: {out:?}");
+    let peers: Vec<weft_node_api::PeerInfo> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    assert_eq!(peers[0].node, "node2");
+    assert_eq!(peers[0].endpoint_kind, "internal");
+    assert_eq!(peers[0].endpoint.as_deref(), Some("10.99.0.12:51820"));
+    let table = std::process::Command::new(&weftctl)
+        .arg("--socket")
+        .arg(&n1.node_api_socket)
+        .arg("peers")
+        .output()
+        .unwrap();
+    println!("{}", String::from_utf8_lossy(&table.stdout));
+}

@@ -12,6 +12,7 @@
 //! | POST | [`PATH_GC`] | [`GcRequest`] | [`GcResult`] |
 //! | GET | [`PATH_LOOKUP`]`?container_id=..&ifname=..` | — | [`Allocation`] or 404 |
 //! | GET | [`PATH_STATUS`] | — | [`Status`] |
+//! | GET | [`PATH_PEERS`] | — | [`PeerInfo`] list |
 //! | GET | [`PATH_HEALTH`] | — | [`Health`] (503 when not ready) |
 //!
 //! Errors: a non-2xx status with an [`ApiError`] body.
@@ -28,6 +29,7 @@ pub const PATH_RELEASE: &str = "/v1/release";
 pub const PATH_GC: &str = "/v1/gc";
 pub const PATH_LOOKUP: &str = "/v1/allocation";
 pub const PATH_STATUS: &str = "/v1/status";
+pub const PATH_PEERS: &str = "/v1/peers";
 pub const PATH_HEALTH: &str = "/healthz";
 
 /// One pod interface, as CNI identifies an attachment: network name, container id, ifname.
@@ -106,6 +108,9 @@ pub struct Status {
     /// Why the router is not ready for pods ("ok" when it is).
     #[serde(default)]
     pub reason: String,
+    /// The WireGuard implementation: `kernel`, `userspace` (in-process), or `none` (no mesh).
+    #[serde(default)]
+    pub backend: String,
     pub universe: String,
     pub bridge: String,
     pub gateway: Option<Ipv4Addr>,
@@ -141,4 +146,26 @@ pub struct ApiError {
     /// worth retrying later. CNI maps it to error 11.
     #[serde(default)]
     pub retry: bool,
+}
+
+/// One WireGuard peer of this node as `weftctl peers` shows it: `wg show` with node names.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// The peer's node (its MeshPeer's name).
+    pub node: String,
+    /// Its name in the IPAM ring (`<node>/<key hash>`).
+    pub ring_name: String,
+    pub public_key: String,
+    /// The endpoint WireGuard uses now (learned from handshakes when the peer roams).
+    pub endpoint: Option<String>,
+    /// Which of the peer's published endpoints that is: `internal`, `external`, `forced`, or
+    /// `learned` (none of them: WireGuard learned it from the peer's packets).
+    pub endpoint_kind: String,
+    pub allowed_ips: Vec<String>,
+    /// The pod ranges it owns in the ring.
+    pub ranges: Vec<String>,
+    /// Seconds since the last handshake; `None`: never.
+    pub last_handshake_secs: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
 }

@@ -82,6 +82,13 @@ struct Args {
     /// Use userspace WireGuard even if the kernel has it.
     #[arg(long)]
     userspace_wireguard: bool,
+    /// Where to serve Prometheus metrics (`GET /metrics`); `off` to serve none. 6782 is the
+    /// port Weave Net used.
+    #[arg(long, env = "WEFT_METRICS_ADDR", default_value = "0.0.0.0:6782")]
+    metrics_addr: String,
+    /// Log lines as text, or as JSON objects (one per line) for a log pipeline.
+    #[arg(long, env = "WEFT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 /// The MTU of the interface carrying the default route, minus WireGuard's 80 bytes.
@@ -257,12 +264,23 @@ async fn install_cni_conf_when_ready(handle: Handle, dir: PathBuf, socket: PathB
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let a = Args::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if a.log_format == "json" {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let metrics_addr: Option<std::net::SocketAddr> = match a.metrics_addr.as_str() {
+        "off" | "" => None,
+        s => Some(s.parse().with_context(|| {
+            format!("--metrics-addr {s:?}: want ip:port (e.g. 0.0.0.0:6782) or off")
+        })?),
+    };
     let universe: Cidr = a
         .universe
         .parse()
@@ -450,6 +468,16 @@ async fn main() -> Result<()> {
             h.tell_tick().await;
         }
     });
+    if let Some(addr) = metrics_addr {
+        let h = handle.clone();
+        tokio::spawn(async move {
+            info!(%addr, "serving Prometheus metrics on /metrics");
+            // The node network does not depend on metrics: a taken port is logged, not fatal.
+            if let Err(e) = router::metrics::serve(addr, h).await {
+                warn!("{e} (metrics are off; choose another --metrics-addr or `off`)");
+            }
+        });
+    }
     if let Some(dir) = a.cni_conf_dir.clone() {
         tokio::spawn(install_cni_conf_when_ready(
             handle.clone(),

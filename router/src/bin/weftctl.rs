@@ -3,9 +3,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
-use weft_node_api::{client, Status, PATH_STATUS};
+use weft_node_api::{client, PeerInfo, Status, PATH_PEERS, PATH_STATUS};
 
 #[derive(Parser)]
 #[command(version, about = "Status and troubleshooting for weft")]
@@ -24,7 +24,12 @@ struct Cli {
 enum Output {
     Text,
     Json,
+    Yaml,
 }
+
+/// A handshake older than this (or none) means the peer is not talking to us: WireGuard
+/// re-handshakes every two minutes while traffic flows.
+const STALE_HANDSHAKE_SECS: u64 = 180;
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -54,11 +59,99 @@ enum Cmd {
         #[arg(long)]
         keep_state: bool,
     },
-    /// The node: readiness, bridge, gateway, its ranges and pods; `status ipam` for the ring.
+    /// The node: what is wrong first (PROBLEM lines), then readiness, bridge, gateway, its
+    /// ranges and pods; `status ipam` for the ring. Exit 0: no problem; 1: problems listed;
+    /// 2: the router does not answer.
     Status {
         #[arg(value_parser = ["ipam"])]
         what: Option<String>,
     },
+    /// The WireGuard peers, like `wg show` with node names: endpoint in use and its kind,
+    /// handshake age, bytes, the pod ranges each owns. Exit 1 when a peer's last handshake is
+    /// older than 3 minutes (or never happened), 2 when the router does not answer.
+    Peers,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completion { shell: clap_complete::Shell },
+}
+
+/// Asks the router; exit 2 (with what was tried) when it does not answer.
+fn ask<T: serde::de::DeserializeOwned>(socket: &std::path::Path, path: &str) -> T {
+    match client::call(socket, "GET", path, None::<&()>, Duration::from_secs(5)) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!(
+                "weftctl: asking weft-router at {} for {path}: {e} (is weft-router running on \
+                 this node? --socket / WEFT_SOCKET name another socket)",
+                socket.display()
+            );
+            std::process::exit(2);
+        }
+    }
+}
+
+fn print_as<T: serde::Serialize>(output: Output, v: &T) -> Result<bool> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(v)?),
+        Output::Yaml => print!("{}", serde_yaml::to_string(v)?),
+        Output::Text => return Ok(false),
+    }
+    Ok(true)
+}
+
+fn age(secs: Option<u64>) -> String {
+    match secs {
+        None => "never".into(),
+        Some(s) if s < 120 => format!("{s}s ago"),
+        Some(s) if s < 7200 => format!("{}m ago", s / 60),
+        Some(s) => format!("{}h ago", s / 3600),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let (mut v, mut u) = (n as f64, 0);
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn stale(p: &PeerInfo) -> bool {
+    p.last_handshake_secs
+        .is_none_or(|s| s > STALE_HANDSHAKE_SECS)
+}
+
+fn print_peers(peers: &[PeerInfo]) {
+    println!(
+        "{:<16} {:<24} {:<9} {:<12} {:>10} {:>10}  RANGES",
+        "NODE", "ENDPOINT", "KIND", "HANDSHAKE", "RX", "TX"
+    );
+    for p in peers {
+        println!(
+            "{:<16} {:<24} {:<9} {:<12} {:>10} {:>10}  {}",
+            p.node,
+            p.endpoint.as_deref().unwrap_or("-"),
+            p.endpoint_kind,
+            age(p.last_handshake_secs),
+            bytes(p.rx_bytes),
+            bytes(p.tx_bytes),
+            p.ranges.join(", ")
+        );
+    }
+    for p in peers.iter().filter(|p| stale(p)) {
+        println!(
+            "PROBLEM   no handshake with {} for more than 3 minutes ({}): check that UDP to {} \
+             passes, and its router (`weftctl status` there)",
+            p.node,
+            age(p.last_handshake_secs),
+            p.endpoint.as_deref().unwrap_or("its endpoint")
+        );
+    }
 }
 
 /// What needs an admin's attention, most urgent first (empty when all is well).
@@ -177,23 +270,31 @@ fn main() -> Result<()> {
             println!("ready");
         }
         Cmd::Status { what } => {
-            let s: Status = client::call(
-                &cli.socket,
-                "GET",
-                PATH_STATUS,
-                None::<&()>,
-                Duration::from_secs(5),
-            )
-            .with_context(|| {
-                format!(
-                    "asking the router at {} (is weft-router running?)",
-                    cli.socket.display()
-                )
-            })?;
-            match cli.output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
-                Output::Text => print_status(&s, what.is_some()),
+            let s: Status = ask(&cli.socket, PATH_STATUS);
+            if !print_as(cli.output, &s)? {
+                print_status(&s, what.is_some());
             }
+            if !problems(&s).is_empty() {
+                std::process::exit(1);
+            }
+        }
+        Cmd::Peers => {
+            let peers: Vec<PeerInfo> = ask(&cli.socket, PATH_PEERS);
+            if !print_as(cli.output, &peers)? {
+                print_peers(&peers);
+            }
+            if peers.iter().any(stale) {
+                std::process::exit(1);
+            }
+        }
+        Cmd::Completion { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "weftctl",
+                &mut std::io::stdout(),
+            );
         }
     }
     Ok(())
