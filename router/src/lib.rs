@@ -6,6 +6,7 @@ pub mod actor;
 pub mod cni_conf;
 pub mod config;
 mod error;
+pub mod events;
 pub mod keys;
 pub mod kube_store;
 pub mod mesh;

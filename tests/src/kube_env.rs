@@ -478,6 +478,15 @@ impl KubeEnv {
             &group,
         ])?;
         run(&[
+            "create",
+            "rolebinding",
+            "-n",
+            "default",
+            "weft-lab-routers-events",
+            "--role=weft-router-events",
+            &group,
+        ])?;
+        run(&[
             "wait",
             "--for=condition=Established",
             "crd/meshpeers.weft.dev",

@@ -165,6 +165,52 @@ fn three_nodes_mesh_on_the_real_api_server() {
     assert!(ok && out.trim() == "True", "RingConsistent: {out}");
     let mut t = t;
     peers_join_and_restart(&mut t);
+
+    // Events on node1's MeshPeer: node4 joined (PeerAdded); node4 stopped and its MeshPeer
+    // deleted, as when its Node is deleted (PeerRemoved).
+    let events = |reason: &str| -> String {
+        let selector =
+            format!("involvedObject.kind=MeshPeer,involvedObject.name=node1,reason={reason}");
+        env.kubectl(&[
+            "get",
+            "events",
+            "-n",
+            "default",
+            "--field-selector",
+            &selector,
+        ])
+        .map(|(_, out)| out)
+        .unwrap_or_default()
+    };
+    let wait_event = |reason: &str, about: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = events(reason);
+            if out.contains(about) {
+                return out;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {reason} event about {about}: {out}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    println!("{}", wait_event("PeerAdded", "node4"));
+    t.lab.stop_router(3).unwrap();
+    // Its pod goes with it (no router left to release the address to).
+    let pods = std::mem::take(&mut t.lab.nodes[3].pods);
+    t.lab.save().unwrap();
+    for p in pods {
+        netns::delete(&p.netns).unwrap();
+    }
+    let (ok, out) = env.kubectl(&["delete", "meshpeer", "node4"]).unwrap();
+    assert!(ok, "{out}");
+    println!("{}", wait_event("PeerRemoved", "node4"));
+    let (_, describe) = env.kubectl(&["describe", "meshpeer", "node1"]).unwrap();
+    let tail = describe.split("Events:").nth(1).unwrap_or_default();
+    println!("kubectl describe meshpeer node1 ... Events:{tail}");
+    assert!(tail.contains("PeerRemoved"), "{describe}");
 }
 
 fn ring_peers(lab: &Lab, n: usize) -> Vec<(String, Vec<String>)> {

@@ -86,6 +86,10 @@ struct Args {
     /// port Weave Net used.
     #[arg(long, env = "WEFT_METRICS_ADDR", default_value = "0.0.0.0:6782")]
     metrics_addr: String,
+    /// Seconds without a WireGuard handshake after which a peer counts as stale (an Event, a
+    /// PROBLEM line in `weftctl peers`). WireGuard re-handshakes every 2 minutes under traffic.
+    #[arg(long, env = "WEFT_HANDSHAKE_STALE", default_value_t = 180)]
+    handshake_stale: u64,
     /// Log lines as text, or as JSON objects (one per line) for a log pipeline.
     #[arg(long, env = "WEFT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -136,7 +140,9 @@ async fn shutdown_signal(userspace_wg: Option<String>) {
 /// Keeps this node's MeshPeer status (short key, owned ranges, Ready) current.
 async fn publish_status(store: KubeStore, handle: Handle, key: String) {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-    let mut last: Option<(Vec<String>, bool, String, Option<String>)> = None;
+    // What was last published: ranges, ready, reason, ring problem, handshakes.
+    type Published = (Vec<String>, bool, String, Option<String>, String);
+    let mut last: Option<Published> = None;
     let mut since = k8s_openapi::jiff::Timestamp::now();
     let mut refresh = 0u32;
     let mut tick = tokio::time::interval(Duration::from_secs(2));
@@ -147,11 +153,22 @@ async fn publish_status(store: KubeStore, handle: Handle, key: String) {
         };
         // Refused gossip or a ring too large to send: either way the mesh's rings differ.
         let ring_problem = s.refused_gossip.clone().or(s.unsent_gossip.clone());
+        let handshakes = match handle.mesh_peers().await {
+            Ok(p) => format!(
+                "{}/{}",
+                p.iter()
+                    .filter(|p| p.last_handshake_secs.is_some_and(|s| s <= 180))
+                    .count(),
+                p.len()
+            ),
+            Err(_) => continue,
+        };
         let now = (
             s.owned.clone(),
             s.ready,
             s.reason.clone(),
             ring_problem.clone(),
+            handshakes.clone(),
         );
         // Unchanged: skip, but not forever — a MeshPeer deleted and published again starts
         // with an empty status.
@@ -199,7 +216,7 @@ async fn publish_status(store: KubeStore, handle: Handle, key: String) {
                     observed_generation: None,
                 },
             ],
-            handshakes: None,
+            handshakes: Some(handshakes),
         };
         match store.publish_status(&s.node, &status).await {
             Ok(()) => last = Some(now),
@@ -453,6 +470,14 @@ async fn main() -> Result<()> {
             }
         }
     });
+    if let Some(client) = &kube {
+        tokio::spawn(router::events::run(
+            client.clone(),
+            handle.clone(),
+            me_node_name.clone(),
+            Duration::from_secs(a.handshake_stale),
+        ));
+    }
     if let PeerStoreKind::Kube(store) = &peers {
         tokio::spawn(publish_status(
             (**store).clone(),
