@@ -387,4 +387,59 @@ mod tests {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
     }
+
+    /// Every `weft_*` series the Grafana dashboard (deploy/) queries is one the router serves.
+    #[test]
+    fn the_dashboard_queries_only_served_metrics() {
+        let m = Metrics::new();
+        m.api_request("allocate", Duration::from_micros(300), Some(503));
+        m.reconciled(Duration::from_micros(50));
+        let status: Status = serde_json::from_value(serde_json::json!({
+            "node": "node1", "ready": true, "universe": "10.32.0.0/12", "bridge": "weft-br",
+            "gateway": null, "mtu": 1420, "owned": [], "free": 0, "seed": null,
+            "ring_entries": 0, "ring_peers": [], "pods": []
+        }))
+        .unwrap();
+        let peer = PeerInfo {
+            node: "node2".into(),
+            ring_name: "node2/bb".into(),
+            public_key: "k".into(),
+            endpoint: None,
+            endpoint_kind: "none".into(),
+            allowed_ips: vec![],
+            ranges: vec![],
+            last_handshake_secs: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+        };
+        let text = m.render(status, vec![peer]);
+        let served: std::collections::BTreeSet<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .collect();
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/grafana-dashboard.json"
+        );
+        let dash: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut queried = 0;
+        for p in dash["panels"].as_array().unwrap() {
+            for t in p["targets"].as_array().unwrap() {
+                let expr = t["expr"].as_str().unwrap();
+                for word in expr.split(|c: char| !(c.is_alphanumeric() || c == '_')) {
+                    if word.starts_with("weft_") {
+                        queried += 1;
+                        assert!(
+                            served.contains(word),
+                            "{word} (panel {}) is not served:\n{text}",
+                            p["title"]
+                        );
+                    }
+                }
+            }
+        }
+        assert!(queried >= 12, "{queried}");
+    }
 }
