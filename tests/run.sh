@@ -10,6 +10,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # CI's shell is not a login shell: find the toolchains where rustup and the Go tarball put them.
 export PATH="$HOME/.cargo/bin:/usr/local/go/bin:$HOME/go/bin:$PATH"
+# shellcheck source=tests/lib.sh
+. tests/lib.sh
 
 declare -a summary=()
 skips=0
@@ -28,17 +30,6 @@ skip() { # skip <name> <why>
 	skips=$((skips + 1))
 }
 
-ensure_packages() { # ensure_packages <deb>... — installs the missing ones
-	local missing=()
-	for p in "$@"; do
-		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-	done
-	[ ${#missing[@]} -eq 0 ] && return 0
-	echo "installing: ${missing[*]}"
-	export DEBIAN_FRONTEND=noninteractive
-	apt-get update -qq
-	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-}
 
 static_checks() {
 	cargo fmt --all -- --check

@@ -12,4 +12,5 @@ pub mod kube_env;
 pub mod lab;
 pub mod netns;
 mod pki;
+pub mod prereq;
 pub mod procs;

@@ -364,3 +364,41 @@ fn router_refuses_a_universe_that_overlaps_the_node() {
     assert!(!dir.join("state/ipam.state").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `weft-lab up` on a machine without nft (a PATH lacking it) says what to install and exits 2
+/// before creating anything.
+#[test]
+fn lab_up_without_nft_says_what_to_install_and_exits_2() {
+    let bin = weft_tests::lab::bin_dir().unwrap();
+    let fake_path = std::env::temp_dir().join(format!("weft-nonft-{}", std::process::id()));
+    std::fs::create_dir_all(&fake_path).unwrap();
+    for p in ["ip", "ping", "tcpdump", "wg"] {
+        let real = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+            .iter()
+            .map(|d| std::path::Path::new(d).join(p))
+            .find(|f| f.exists())
+            .unwrap_or_else(|| panic!("{p} not installed"));
+        let _ = std::os::unix::fs::symlink(real, fake_path.join(p));
+    }
+    let lab_dir = std::env::temp_dir().join(format!("weft-nonft-lab-{}", std::process::id()));
+    let out = std::process::Command::new(bin.join("weft-lab"))
+        .args(["--prefix", "wnonft", "up", "--nodes", "2"])
+        .env("PATH", &fake_path)
+        .env("WEFT_LAB_DIR", &lab_dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stderr}");
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("missing nft: apt-get install nftables"),
+        "{stderr}"
+    );
+    assert!(
+        !lab_dir.exists(),
+        "something was created in {}",
+        lab_dir.display()
+    );
+    assert!(netns::list("wnonft-").is_empty());
+    std::fs::remove_dir_all(&fake_path).unwrap();
+}

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use weft_tests::cluster::Cluster;
 use weft_tests::kube_env::KubeEnv;
 use weft_tests::lab::Lab;
+use weft_tests::prereq;
 
 #[derive(Parser)]
 #[command(
@@ -188,6 +189,8 @@ async fn main() -> Result<()> {
             cluster: true,
             ..
         } => {
+            prereq::require(prereq::LAB);
+            prereq::require(prereq::CLUSTER);
             let cluster = Cluster::up(&lab_dir, &cli.prefix, nodes)?;
             print_cluster(&cluster);
             println!("export KUBECONFIG={}", cluster.kubeconfig.display());
@@ -198,6 +201,7 @@ async fn main() -> Result<()> {
             store,
             ..
         } => {
+            prereq::require(prereq::LAB);
             let lab = Lab::up_with(&lab_dir, &cli.prefix, nodes, pods_per_node, &store)?;
             if lab.store == "kube" {
                 eprintln!(
@@ -261,6 +265,7 @@ async fn main() -> Result<()> {
                     .map(|d| d.as_secs())
                     .unwrap_or(0)
             });
+            prereq::require(prereq::LAB);
             eprintln!("chaos: seed {seed} ({nodes} nodes, {ops} ops)");
             let opts = weft_tests::chaos::Options {
                 seed,
@@ -337,6 +342,7 @@ async fn main() -> Result<()> {
             println!("{}", serde_json::to_string(&samples)?);
         }
         Top::Check => {
+            prereq::require(prereq::LAB);
             let lab = Lab::load(&lab_dir)?;
             let v = weft_tests::check::check(&lab)?;
             println!("pairs: {} pinged, {} failed", v.pairs, v.failed.len());
