@@ -38,8 +38,12 @@ impl Failure {
     }
 
     fn internal(msg: String) -> Self {
+        Self::refused(500, msg)
+    }
+
+    fn refused(status: u16, msg: String) -> Self {
         Failure {
-            status: 500,
+            status,
             error: ApiError {
                 error: msg,
                 retry: false,
@@ -57,6 +61,7 @@ enum Request {
     Gc(GcRequest, Reply<GcResult>),
     /// The WireGuard peers as `weftctl peers` and the metrics show them.
     MeshState(Reply<Vec<weft_node_api::PeerInfo>>),
+    RmPeer(String, Reply<weft_node_api::RmPeerResult>),
     Lookup(Attachment, Reply<Option<Allocation>>),
     Status(Reply<Status>),
     Health(Reply<Health>),
@@ -104,6 +109,8 @@ struct Actor {
     peers_synced: bool,
     started: std::time::Instant,
     metrics: Arc<Metrics>,
+    /// When each ring peer's gossip last arrived: proof that it is alive.
+    heard: std::collections::BTreeMap<ipam::PeerName, std::time::Instant>,
 }
 
 impl Actor {
@@ -440,6 +447,8 @@ impl Actor {
     }
 
     async fn gossip(&mut self, inbound: Inbound) {
+        self.heard
+            .insert(inbound.from.clone(), std::time::Instant::now());
         if matches!(inbound.msg, ipam::Message::SpaceRequest) {
             self.metrics.space_requests_received.inc();
             // One space request per peer per second: a peer asking in a loop gets nothing more.
@@ -563,13 +572,8 @@ impl Actor {
             self.orphans.forget(&dead);
             match lock.take(&dead, self.node.me()).await {
                 Ok(true) => {
-                    let before = self.node.clone();
-                    let ranges = self.node.reclaim(&dead);
-                    if self.commit(before) {
-                        info!(peer = %dead, ranges = ?ranges.iter().map(|r| r.to_string()).collect::<Vec<_>>(), grace = ?grace, "reclaimed the ranges of a ring peer no node speaks for (Node deleted, or its node lost its state)");
-                        self.settle().await;
-                        let out = self.broadcast();
-                        self.send_all(out).await;
+                    if let Some(ranges) = self.take_over(&dead).await {
+                        info!(peer = %dead, ranges = ?ranges, grace = ?grace, "reclaimed the ranges of a ring peer no node speaks for (Node deleted, or its node lost its state)");
                     }
                 }
                 Ok(false) => {
@@ -580,6 +584,110 @@ impl Actor {
                 }
             }
         }
+    }
+
+    /// Makes `dead`'s ranges ours (we hold its reclaim lock), durably, and tells every peer.
+    /// The CIDRs taken, or `None` when saving failed (nothing changed).
+    async fn take_over(&mut self, dead: &ipam::PeerName) -> Option<Vec<String>> {
+        let before = self.node.clone();
+        let ranges = self.node.reclaim(dead);
+        if !self.commit(before) {
+            return None;
+        }
+        self.settle().await;
+        let out = self.broadcast();
+        self.send_all(out).await;
+        Some(
+            ranges
+                .iter()
+                .flat_map(|r| r.cidrs())
+                .map(|c| c.to_string())
+                .collect(),
+        )
+    }
+
+    /// `weftctl rmpeer`: reclaims a dead node's ranges now. Refused while anything says the
+    /// node is alive (gossip heard, or a WireGuard handshake, within the stale period): taking
+    /// ranges from a live node gives their addresses two owners.
+    async fn rmpeer(&mut self, node: &str) -> Result<weft_node_api::RmPeerResult, Failure> {
+        if node == self.cfg.node {
+            return Err(Failure::refused(
+                400,
+                format!("{node} is this node: run rmpeer on another node"),
+            ));
+        }
+        let Some((lock, _)) = self.reclaim.clone() else {
+            return Err(Failure::internal(
+                "this router has no reclaim lock configured".into(),
+            ));
+        };
+        let prefix = format!("{node}/");
+        let identities: Vec<ipam::PeerName> = self
+            .node
+            .ring()
+            .peers_in_order()
+            .into_iter()
+            .filter(|p| p.as_str().starts_with(&prefix))
+            .collect();
+        if identities.is_empty() {
+            return Err(Failure::refused(
+                404,
+                format!("node {node} owns no range in the ring (see `weftctl status ipam`)"),
+            ));
+        }
+        let stale = self.cfg.stale_after;
+        let heard = identities
+            .iter()
+            .filter_map(|p| self.heard.get(p))
+            .map(|t| t.elapsed())
+            .min()
+            .filter(|d| *d <= stale);
+        let shaken = self
+            .mesh_peers()
+            .into_iter()
+            .filter(|p| p.node == node)
+            .filter_map(|p| p.last_handshake_secs)
+            .min()
+            .filter(|s| std::time::Duration::from_secs(*s) <= stale);
+        if heard.is_some() || shaken.is_some() {
+            return Err(Failure::refused(
+                409,
+                format!(
+                    "{node} is alive (gossip heard {}, last WireGuard handshake {}): stop its \
+                     router for good first; rmpeer is for nodes that are gone and will not come \
+                     back with their state",
+                    heard.map_or("not recently".into(), |d| format!("{}s ago", d.as_secs())),
+                    shaken.map_or("not recently".into(), |s| format!("{s}s ago")),
+                ),
+            ));
+        }
+        let mut result = weft_node_api::RmPeerResult {
+            reclaimed: Vec::new(),
+            held_elsewhere: Vec::new(),
+        };
+        for dead in identities {
+            match lock.take(&dead, self.node.me()).await {
+                Ok(true) => match self.take_over(&dead).await {
+                    Some(ranges) => {
+                        warn!(peer = %dead, ?ranges, "rmpeer: reclaimed the ranges of a node an admin declared dead");
+                        result.reclaimed.push((dead.to_string(), ranges));
+                    }
+                    None => {
+                        return Err(Failure::internal(format!(
+                            "saving the ring after reclaiming {dead} failed: {}",
+                            self.save_failed.clone().unwrap_or_default()
+                        )))
+                    }
+                },
+                Ok(false) => result.held_elsewhere.push(dead.to_string()),
+                Err(e) => {
+                    return Err(Failure::retry(format!(
+                        "taking the reclaim lock for {dead}: {e}"
+                    )))
+                }
+            }
+        }
+        Ok(result)
     }
 
     async fn peers(&mut self, nodes: Vec<plan::Node>) {
@@ -640,6 +748,10 @@ impl Actor {
                 }
                 Request::Status(tx) => drop(tx.send(Ok(self.status()))),
                 Request::MeshState(tx) => drop(tx.send(Ok(self.mesh_peers()))),
+                Request::RmPeer(node, tx) => {
+                    let r = self.rmpeer(&node).await;
+                    drop(tx.send(r));
+                }
                 Request::Health(tx) => drop(tx.send(Ok(self.health()))),
                 Request::Gossip(inbound) => self.gossip(inbound).await,
                 Request::Peers(nodes) => self.peers(nodes).await,
@@ -695,6 +807,7 @@ impl Handle {
                 peers_synced: false,
                 started: std::time::Instant::now(),
                 metrics: metrics.clone(),
+                heard: Default::default(),
             }
             .run(rx),
         );
@@ -736,6 +849,10 @@ impl Handle {
 
     pub async fn lookup(&self, a: Attachment) -> Result<Option<Allocation>, Failure> {
         self.ask(|tx| Request::Lookup(a, tx)).await
+    }
+
+    pub async fn rmpeer(&self, node: String) -> Result<weft_node_api::RmPeerResult, Failure> {
+        self.ask(|tx| Request::RmPeer(node, tx)).await
     }
 
     pub async fn mesh_peers(&self) -> Result<Vec<weft_node_api::PeerInfo>, Failure> {

@@ -24,4 +24,7 @@ pub struct Config {
     pub snat: bool,
     /// The WireGuard interface the whole universe is routed to (other nodes' pods).
     pub wg_interface: String,
+    /// A peer neither heard (gossip) nor handshaking for this long counts as silent: stale in
+    /// `weftctl peers` and Events, and removable with `weftctl rmpeer`.
+    pub stale_after: std::time::Duration,
 }

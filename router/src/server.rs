@@ -46,6 +46,10 @@ async fn gc(State(h): State<Handle>, Json(r): Json<api::GcRequest>) -> Answer<ap
     timed(&h, "gc", async { h.gc(r).await.map(Json) }).await
 }
 
+async fn rmpeer(State(h): State<Handle>, Json(r): Json<api::RmPeer>) -> Answer<api::RmPeerResult> {
+    h.rmpeer(r.node).await.map(Json)
+}
+
 async fn peers(State(h): State<Handle>) -> Answer<Vec<api::PeerInfo>> {
     h.mesh_peers().await.map(Json)
 }
@@ -90,6 +94,7 @@ pub fn routes(h: Handle) -> Router {
         .route(api::PATH_LOOKUP, get(lookup))
         .route(api::PATH_STATUS, get(status))
         .route(api::PATH_PEERS, get(peers))
+        .route(api::PATH_RMPEER, post(rmpeer))
         .route(api::PATH_HEALTH, get(health))
         .with_state(h)
 }

@@ -469,3 +469,89 @@ fn metrics_agree_with_wg_show_and_weftctl() {
         .unwrap();
     println!("{}", String::from_utf8_lossy(&table.stdout));
 }
+
+/// `weftctl rmpeer`: refused while the node is alive; once its router is stopped (its MeshPeer
+/// still there, so nothing reclaims it on its own), its ranges move to the asking node, under
+/// the same reclaim lock as automatic reclaims, and gossip tells the others.
+#[test]
+fn rmpeer_refuses_a_live_node_and_reclaims_a_dead_one() {
+    // Routers started by this process count a peer silent after 4 s (default 180 s).
+    std::env::set_var("WEFT_HANDSHAKE_STALE", "4");
+    let prefix = format!("wp{}", std::process::id() % 100_000);
+    let dir = std::env::temp_dir().join(format!("weft-test-{prefix}"));
+    let lab = Lab::up(&dir, &prefix, 3, 1).unwrap_or_else(|e| {
+        let _ = Lab::down(&dir, &prefix);
+        panic!("lab up: {e:#}")
+    });
+    let t = TestLab { lab, dir, prefix };
+    converge(&t.lab, "after up");
+    let weftctl = weft_tests::lab::bin_dir().unwrap().join("weftctl");
+    let socket = t.lab.nodes[0].node_api_socket.clone();
+    let rmpeer = |node: &str| {
+        std::process::Command::new(&weftctl)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["rmpeer", node])
+            .output()
+            .unwrap()
+    };
+    let out = rmpeer("node3");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stderr.contains("node3 is alive"), "{stderr}");
+    println!("while node3 runs: {}", stderr.trim());
+
+    let before = ring_peers(&t.lab, 0);
+    let node3_cidrs: Vec<String> = before
+        .iter()
+        .filter(|(p, _)| p.starts_with("node3/"))
+        .flat_map(|(_, c)| c.clone())
+        .collect();
+    assert!(!node3_cidrs.is_empty(), "{before:?}");
+    let mut t = t;
+    t.lab.stop_router(2).unwrap();
+    for p in std::mem::take(&mut t.lab.nodes[2].pods) {
+        netns::delete(&p.netns).unwrap();
+    }
+    t.lab.save().unwrap();
+    std::thread::sleep(Duration::from_secs(6));
+    let out = rmpeer("node3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    println!("after node3 stopped: {}", stdout.trim());
+    for c in &node3_cidrs {
+        assert!(stdout.contains(c.as_str()), "{c} not reclaimed: {stdout}");
+    }
+    // node2 learns it by gossip: node3 owns nothing, node1 owns its old ranges.
+    let after = wait_reclaimed(&t.lab, &[0, 1], "node3/");
+    let node1: Vec<String> = after
+        .iter()
+        .filter(|(p, _)| p.starts_with("node1/"))
+        .flat_map(|(_, c)| c.clone())
+        .collect();
+    let range = |c: &str| -> (u64, u64) {
+        let (ip, len) = c.split_once('/').unwrap();
+        let start = u64::from(u32::from(ip.parse::<std::net::Ipv4Addr>().unwrap()));
+        (start, start + (1u64 << (32 - len.parse::<u32>().unwrap())))
+    };
+    for c in &node3_cidrs {
+        let (s, e) = range(c);
+        assert!(
+            node1
+                .iter()
+                .map(|n| range(n))
+                .any(|(ns, ne)| ns <= s && e <= ne),
+            "{c} not node1's: {after:?}"
+        );
+    }
+    let locks = std::fs::read_dir(t.lab.dir.join("peers"))
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("reclaim-node3-")
+        })
+        .count();
+    assert_eq!(locks, 1);
+}

@@ -13,6 +13,7 @@
 //! | GET | [`PATH_LOOKUP`]`?container_id=..&ifname=..` | — | [`Allocation`] or 404 |
 //! | GET | [`PATH_STATUS`] | — | [`Status`] |
 //! | GET | [`PATH_PEERS`] | — | [`PeerInfo`] list |
+//! | POST | [`PATH_RMPEER`] | [`RmPeer`] | [`RmPeerResult`] (409 while the node is alive) |
 //! | GET | [`PATH_HEALTH`] | — | [`Health`] (503 when not ready) |
 //!
 //! Errors: a non-2xx status with an [`ApiError`] body.
@@ -30,6 +31,7 @@ pub const PATH_GC: &str = "/v1/gc";
 pub const PATH_LOOKUP: &str = "/v1/allocation";
 pub const PATH_STATUS: &str = "/v1/status";
 pub const PATH_PEERS: &str = "/v1/peers";
+pub const PATH_RMPEER: &str = "/v1/rmpeer";
 pub const PATH_HEALTH: &str = "/healthz";
 
 /// One pod interface, as CNI identifies an attachment: network name, container id, ifname.
@@ -168,4 +170,18 @@ pub struct PeerInfo {
     pub last_handshake_secs: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+}
+
+/// Reclaim a dead node's address space now, without waiting for its MeshPeer to go.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RmPeer {
+    pub node: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RmPeerResult {
+    /// Ring identities of the node whose ranges this router took, with the CIDRs.
+    pub reclaimed: Vec<(String, Vec<String>)>,
+    /// Identities another router had already locked (it takes their ranges).
+    pub held_elsewhere: Vec<String>,
 }

@@ -313,6 +313,7 @@ async fn main() -> Result<()> {
         peers_dir: a.peers_dir,
         snat: !a.no_snat,
         wg_interface: a.wg_interface.clone(),
+        stale_after: Duration::from_secs(a.handshake_stale),
     };
     info!(node = %cfg.node, universe = %cfg.universe, bridge = %cfg.bridge, mtu = cfg.mtu, state = %cfg.state_dir.display(), "starting");
     refuse_overlaps(&cfg, a.service_cidr.as_deref()).await?;

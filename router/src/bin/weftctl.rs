@@ -70,6 +70,10 @@ enum Cmd {
     /// handshake age, bytes, the pod ranges each owns. Exit 1 when a peer's last handshake is
     /// older than 3 minutes (or never happened), 2 when the router does not answer.
     Peers,
+    /// Reclaim the address space of a node that is gone for good (its router stopped, its state
+    /// not coming back) now, instead of when its MeshPeer is deleted. Refused (exit 1) while
+    /// the node is alive: gossip from it or a handshake with it within the stale period.
+    Rmpeer { node: String },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion { shell: clap_complete::Shell },
 }
@@ -285,6 +289,41 @@ fn main() -> Result<()> {
             }
             if peers.iter().any(stale) {
                 std::process::exit(1);
+            }
+        }
+        Cmd::Rmpeer { node } => {
+            let req = weft_node_api::RmPeer { node: node.clone() };
+            let r: weft_node_api::RmPeerResult = match client::call(
+                &cli.socket,
+                "POST",
+                weft_node_api::PATH_RMPEER,
+                Some(&req),
+                Duration::from_secs(30),
+            ) {
+                Ok(r) => r,
+                Err(client::Error::Api { error, .. }) => {
+                    eprintln!("weftctl rmpeer {node}: refused: {}", error.error);
+                    std::process::exit(1);
+                }
+                Err(e) => {
+                    eprintln!(
+                        "weftctl: asking weft-router at {} to remove {node}: {e}",
+                        cli.socket.display()
+                    );
+                    std::process::exit(2);
+                }
+            };
+            if !print_as(cli.output, &r)? {
+                for (who, cidrs) in &r.reclaimed {
+                    println!("reclaimed {who}: {}", cidrs.join(", "));
+                }
+                for who in &r.held_elsewhere {
+                    println!("{who}: another router holds its reclaim lock and takes its ranges");
+                }
+                println!(
+                    "if its MeshPeer still exists: kubectl delete meshpeer {node} (routers may not \
+                     delete MeshPeers)"
+                );
             }
         }
         Cmd::Completion { shell } => {
