@@ -426,7 +426,7 @@ impl Actor {
             },
             (None, None) => {}
         }
-        if let Some(mesh) = &self.mesh {
+        if let Some(mesh) = &mut self.mesh {
             let t0 = std::time::Instant::now();
             if let Err(e) = mesh.reconcile(self.node.ring()) {
                 warn!("reconciling WireGuard peers: {e}");

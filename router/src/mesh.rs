@@ -40,6 +40,8 @@ pub struct Mesh {
     /// The other nodes, by ring name, as the peer store last said.
     pub peers: BTreeMap<PeerName, Node>,
     socket: Arc<UdpSocket>,
+    /// The endpoint set for each peer at the last reconcile (see [`plan::diff`]).
+    applied: plan::Applied,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -111,17 +113,20 @@ impl Mesh {
             device,
             peers: BTreeMap::new(),
             socket,
+            applied: plan::Applied::new(),
         })
     }
 
     /// Makes the device's peers match the plan for `ring`.
-    pub fn reconcile(&self, ring: &Ring) -> Result<()> {
+    pub fn reconcile(&mut self, ring: &Ring) -> Result<()> {
         let others: Vec<Node> = self.peers.values().cloned().collect();
         let want = plan::desired(&self.me, &others, ring);
-        let changes = plan::diff(&want, &self.device.peers()?);
+        let changes = plan::diff(&want, &self.device.peers()?, &self.applied);
         if !changes.is_empty() {
             self.device.apply(&changes)?;
         }
+        // What we set is what the next diff compares with (not a roamed endpoint).
+        self.applied = want.iter().map(|(k, w)| (k.clone(), w.endpoint)).collect();
         Ok(())
     }
 

@@ -90,15 +90,31 @@ pub fn desired(me: &Node, others: &[Node], ring: &Ring) -> BTreeMap<String, WgPe
         .collect()
 }
 
-/// What to change on a device holding `live` so that it holds `want`.
-pub fn diff(want: &BTreeMap<String, WgPeer>, live: &[WgPeer]) -> Vec<Change> {
+/// The endpoint last set for each peer (by public key): what `diff` compares the wanted endpoint
+/// with, since the device's own may have roamed.
+pub type Applied = BTreeMap<String, Option<SocketAddr>>;
+
+/// What to change on a device holding `live` so that it holds `want`, given the endpoints last
+/// set (`applied`). An endpoint WireGuard learned from the peer's packets (roaming: a peer
+/// behind NAT) is never fought: when the wanted endpoint is the one already set, the live one
+/// stays — also through an update of AllowedIPs — and only a change of the published endpoint
+/// is applied.
+pub fn diff(want: &BTreeMap<String, WgPeer>, live: &[WgPeer], applied: &Applied) -> Vec<Change> {
     let live: BTreeMap<&str, &WgPeer> = live.iter().map(|p| (p.public_key.as_str(), p)).collect();
     let mut changes: Vec<Change> = want
         .values()
-        .filter_map(|w| match live.get(w.public_key.as_str()) {
-            None => Some(Change::Add(w.clone())),
-            Some(l) if *l != w => Some(Change::Update(w.clone())),
-            Some(_) => None,
+        .filter_map(|w| {
+            let Some(l) = live.get(w.public_key.as_str()) else {
+                return Some(Change::Add(w.clone()));
+            };
+            let roamed = l.endpoint.is_some()
+                && l.endpoint != w.endpoint
+                && applied.get(&w.public_key) == Some(&w.endpoint);
+            let mut w = w.clone();
+            if roamed {
+                w.endpoint = l.endpoint;
+            }
+            (**l != w).then_some(Change::Update(w))
         })
         .collect();
     changes.extend(
@@ -238,7 +254,7 @@ mod tests {
             peer("k2", &["10.40.0.0/14"]),
             peer("k9", &[]),
         ];
-        let changes = diff(&want, &live);
+        let changes = diff(&want, &live, &Applied::new());
         assert_eq!(
             changes,
             vec![
@@ -248,6 +264,49 @@ mod tests {
             ]
         );
         let applied: Vec<WgPeer> = want.values().cloned().collect();
-        assert!(diff(&want, &applied).is_empty());
+        assert!(diff(&want, &applied, &Applied::new()).is_empty());
+    }
+
+    #[test]
+    fn a_roamed_endpoint_is_kept_and_a_published_change_applied_once() {
+        let ep = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
+        let peer = |endpoint: Option<SocketAddr>, ips: &[&str]| WgPeer {
+            public_key: "k1".into(),
+            endpoint,
+            allowed_ips: ips.iter().map(|s| s.to_string()).collect(),
+            keepalive: Some(25),
+        };
+        let want = |p: WgPeer| -> BTreeMap<String, WgPeer> { [("k1".to_string(), p)].into() };
+        let published = ep("10.0.0.9:51820");
+        // We set the published endpoint; the peer's packets now come from its NAT's address.
+        let applied: Applied = [("k1".to_string(), published)].into();
+        let roamed = vec![peer(ep("198.51.100.7:40123"), &["10.32.0.0/14"])];
+        assert!(
+            diff(&want(peer(published, &["10.32.0.0/14"])), &roamed, &applied).is_empty(),
+            "fought a roamed endpoint"
+        );
+        // A ring change: new AllowedIPs, the roamed endpoint stays.
+        assert_eq!(
+            diff(&want(peer(published, &["10.32.0.0/13"])), &roamed, &applied),
+            vec![Change::Update(peer(
+                ep("198.51.100.7:40123"),
+                &["10.32.0.0/13"]
+            ))]
+        );
+        // The peer publishes a new endpoint: that one is set.
+        let moved = ep("10.0.0.10:51820");
+        assert_eq!(
+            diff(&want(peer(moved, &["10.32.0.0/14"])), &roamed, &applied),
+            vec![Change::Update(peer(moved, &["10.32.0.0/14"]))]
+        );
+        // Nothing applied yet (a restart): the device is brought to the published endpoint.
+        assert_eq!(
+            diff(
+                &want(peer(published, &["10.32.0.0/14"])),
+                &roamed,
+                &Applied::new()
+            ),
+            vec![Change::Update(peer(published, &["10.32.0.0/14"]))]
+        );
     }
 }

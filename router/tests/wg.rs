@@ -162,10 +162,10 @@ fn two_nodes_talk_through_weft_wireguard() {
         [(to_a.public_key.clone(), to_a.clone())].into();
     for (node, want) in [(&na, want_a.clone()), (&nb, want_b)] {
         node.run(move |d| {
-            let changes = diff(&want, &d.peers().unwrap());
+            let changes = diff(&want, &d.peers().unwrap(), &Default::default());
             d.apply(&changes).unwrap();
             assert!(
-                diff(&want, &d.peers().unwrap()).is_empty(),
+                diff(&want, &d.peers().unwrap(), &Default::default()).is_empty(),
                 "device differs from the plan after apply"
             );
         });
@@ -197,7 +197,8 @@ fn two_nodes_talk_through_weft_wireguard() {
     let want: std::collections::BTreeMap<String, WgPeer> =
         [(updated.public_key.clone(), updated.clone())].into();
     let peers_after = na.run(move |d| {
-        d.apply(&diff(&want, &d.peers().unwrap())).unwrap();
+        d.apply(&diff(&want, &d.peers().unwrap(), &Default::default()))
+            .unwrap();
         d.peers().unwrap()
     });
     assert_eq!(peers_after, vec![updated]);
@@ -207,8 +208,12 @@ fn two_nodes_talk_through_weft_wireguard() {
 
     // Remove the peer: the device has none; then the device goes away with its node.
     let left = na.run(|d| {
-        d.apply(&diff(&Default::default(), &d.peers().unwrap()))
-            .unwrap();
+        d.apply(&diff(
+            &Default::default(),
+            &d.peers().unwrap(),
+            &Default::default(),
+        ))
+        .unwrap();
         d.peers().unwrap()
     });
     assert!(left.is_empty());
