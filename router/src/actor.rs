@@ -369,6 +369,28 @@ impl Actor {
             node: self.cfg.node.clone(),
             ready: health.ready,
             reason: health.reason,
+            wg_interface: self.cfg.wg_interface.clone(),
+            public_key: self
+                .mesh
+                .as_ref()
+                .map(|m| m.me.spec.public_key.clone())
+                .unwrap_or_default(),
+            mesh_address: self
+                .mesh
+                .as_ref()
+                .map(|m| m.me.spec.mesh_address.clone())
+                .unwrap_or_default(),
+            endpoints: self
+                .mesh
+                .as_ref()
+                .map(|m| {
+                    m.me.spec
+                        .endpoints
+                        .iter()
+                        .map(|e| format!("{} ({})", e.address, e.kind))
+                        .collect()
+                })
+                .unwrap_or_default(),
             backend: match &self.mesh {
                 Some(m) => match m.device.backend() {
                     crate::wg::Backend::Kernel => "kernel",

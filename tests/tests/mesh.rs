@@ -468,6 +468,27 @@ fn metrics_agree_with_wg_show_and_weftctl() {
         .output()
         .unwrap();
     println!("{}", String::from_utf8_lossy(&table.stdout));
+
+    // showconf: what `wg show` has, with node names; AllowedIPs as the device holds them.
+    let conf = std::process::Command::new(&weftctl)
+        .arg("--socket")
+        .arg(&n1.node_api_socket)
+        .arg("showconf")
+        .output()
+        .unwrap();
+    let conf = String::from_utf8_lossy(&conf.stdout).into_owned();
+    println!("{conf}");
+    assert_eq!(conf.matches("[Peer]").count(), 1, "{conf}");
+    assert!(conf.contains(&format!("PublicKey = {}", peer[0])), "{conf}");
+    let mut wg_allowed: Vec<&str> = peer[3].split(',').collect();
+    wg_allowed.sort();
+    let line = conf
+        .lines()
+        .find_map(|l| l.strip_prefix("AllowedIPs = "))
+        .unwrap();
+    let mut ours: Vec<&str> = line.split(", ").collect();
+    ours.sort();
+    assert_eq!(ours, wg_allowed, "{conf}");
 }
 
 /// `weftctl rmpeer`: refused while the node is alive; once its router is stopped (its MeshPeer

@@ -113,6 +113,16 @@ pub struct Status {
     /// The WireGuard implementation: `kernel`, `userspace` (in-process), or `none` (no mesh).
     #[serde(default)]
     pub backend: String,
+    /// The WireGuard interface, this node's public key, mesh address and published endpoints
+    /// (empty without a mesh).
+    #[serde(default)]
+    pub wg_interface: String,
+    #[serde(default)]
+    pub public_key: String,
+    #[serde(default)]
+    pub mesh_address: String,
+    #[serde(default)]
+    pub endpoints: Vec<String>,
     pub universe: String,
     pub bridge: String,
     pub gateway: Option<Ipv4Addr>,

@@ -70,6 +70,9 @@ enum Cmd {
     /// handshake age, bytes, the pod ranges each owns. Exit 1 when a peer's last handshake is
     /// older than 3 minutes (or never happened), 2 when the router does not answer.
     Peers,
+    /// This node's WireGuard configuration in wg-quick form, with node names and ranges as
+    /// comments (the private key stays with weft-router), like `wg showconf`.
+    Showconf,
     /// Reclaim the address space of a node that is gone for good (its router stopped, its state
     /// not coming back) now, instead of when its MeshPeer is deleted. Refused (exit 1) while
     /// the node is alive: gossip from it or a handshake with it within the stale period.
@@ -123,6 +126,49 @@ fn bytes(n: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[u])
     }
+}
+
+/// `weftctl showconf`: the interface and its peers as wg-quick reads them.
+fn showconf(s: &Status, peers: &[PeerInfo]) -> String {
+    let mut out = format!(
+        "# weft node {} — WireGuard interface {} ({})\n[Interface]\n\
+         # PrivateKey: kept by weft-router in its state dir, never printed\n\
+         # PublicKey = {}\n# Endpoints: {}\n",
+        s.node,
+        s.wg_interface,
+        s.backend,
+        s.public_key,
+        s.endpoints.join(", ")
+    );
+    if let Some(port) = s
+        .endpoints
+        .first()
+        .and_then(|e| e.split(' ').next())
+        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+    {
+        out += &format!("ListenPort = {}\n", port.port());
+    }
+    if !s.mesh_address.is_empty() {
+        out += &format!("Address = {}/128\n", s.mesh_address);
+    }
+    for p in peers {
+        out += &format!(
+            "\n[Peer]\n# {} ({} endpoint; ranges {})\nPublicKey = {}\n",
+            p.node,
+            p.endpoint_kind,
+            if p.ranges.is_empty() {
+                "none".to_string()
+            } else {
+                p.ranges.join(", ")
+            },
+            p.public_key
+        );
+        if let Some(e) = &p.endpoint {
+            out += &format!("Endpoint = {e}\n");
+        }
+        out += &format!("AllowedIPs = {}\n", p.allowed_ips.join(", "));
+    }
+    out
 }
 
 fn stale(p: &PeerInfo) -> bool {
@@ -290,6 +336,11 @@ fn main() -> Result<()> {
             if peers.iter().any(stale) {
                 std::process::exit(1);
             }
+        }
+        Cmd::Showconf => {
+            let s: Status = ask(&cli.socket, PATH_STATUS);
+            let peers: Vec<PeerInfo> = ask(&cli.socket, PATH_PEERS);
+            print!("{}", showconf(&s, &peers));
         }
         Cmd::Rmpeer { node } => {
             let req = weft_node_api::RmPeer { node: node.clone() };
