@@ -18,7 +18,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -57,35 +56,32 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// The counts that must be 0, by name, in the order the summary line prints them.
+    fn offences(&self) -> [(&'static str, usize); 7] {
+        [
+            ("duplicate_ips", self.duplicate_ips),
+            ("double_owned", self.double_owned),
+            ("unreclaimed", self.unreclaimed),
+            ("unreachable_pairs", self.unreachable_pairs),
+            ("leaked", self.leaked),
+            ("lost", self.lost),
+            ("plaintext", self.plaintext),
+        ]
+    }
+
     pub fn line(&self) -> String {
-        format!(
-            "chaos seed={} ops={} kills={} duplicate_ips={} double_owned={} unreclaimed={} \
-             unreachable_pairs={} leaked={} lost={} plaintext={}",
-            self.seed,
-            self.ops,
-            self.kills,
-            self.duplicate_ips,
-            self.double_owned,
-            self.unreclaimed,
-            self.unreachable_pairs,
-            self.leaked,
-            self.lost,
-            self.plaintext
-        )
+        let mut line = format!(
+            "chaos seed={} ops={} kills={}",
+            self.seed, self.ops, self.kills
+        );
+        for (name, n) in self.offences() {
+            line += &format!(" {name}={n}");
+        }
+        line
     }
 
     pub fn ok(&self) -> bool {
-        [
-            self.duplicate_ips,
-            self.double_owned,
-            self.unreclaimed,
-            self.unreachable_pairs,
-            self.leaked,
-            self.lost,
-            self.plaintext,
-        ]
-        .iter()
-        .all(|&n| n == 0)
+        self.offences().iter().all(|(_, n)| *n == 0)
     }
 }
 
@@ -144,7 +140,7 @@ pub fn run(dir: &std::path::Path, prefix: &str, opts: &Options) -> Result<Summar
 impl Run {
     fn go(&mut self, opts: &Options) -> Result<()> {
         self.default_routes()?;
-        let capture = Capture::start(&self.lab)?;
+        let capture = crate::check::Capture::start(&self.lab)?;
         // Three different nodes for the three one-off faults.
         let mut picks: Vec<usize> = (0..opts.nodes).collect();
         for i in (1..picks.len()).rev() {
@@ -412,7 +408,7 @@ impl Run {
         Ok(())
     }
 
-    fn finish(&mut self, opts: &Options, capture: Capture) -> Result<()> {
+    fn finish(&mut self, opts: &Options, capture: crate::check::Capture) -> Result<()> {
         // Reclaim needs the grace period plus gossip; reachability needs the mesh to settle.
         let deadline = Instant::now() + opts.grace + Duration::from_secs(60);
         let unreclaimed = loop {
@@ -442,7 +438,11 @@ impl Run {
         self.summary.unreachable_pairs = unreachable.len();
         self.check_now()?;
         self.summary.leaked = self.gc_and_count_leaks()?;
-        self.summary.plaintext = capture.stop()?;
+        let leaks = crate::check::plaintext(&capture.stop()?);
+        for l in leaks.iter().take(10) {
+            eprintln!("chaos: plaintext on the underlay: {l}");
+        }
+        self.summary.plaintext = leaks.len();
         Ok(())
     }
 
@@ -583,46 +583,6 @@ fn unreclaimed(views: &[Status], retired: &BTreeSet<String>) -> Vec<String> {
         }
     }
     out.into_iter().collect()
-}
-
-/// tcpdump on the underlay switch for the whole run.
-struct Capture(std::process::Child);
-
-impl Capture {
-    fn start(lab: &Lab) -> Result<Capture> {
-        let sw = format!("{}-sw", lab.prefix);
-        let child = Command::new("ip")
-            .args([
-                "netns", "exec", &sw, "tcpdump", "-i", "sw0", "-n", "-l", "-U", "ip",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting tcpdump on the underlay (apt-get install tcpdump)")?;
-        std::thread::sleep(Duration::from_millis(500));
-        Ok(Capture(child))
-    }
-
-    /// Stops the capture; the number of packets with a pod address in them.
-    fn stop(self) -> Result<usize> {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        );
-        let out = self
-            .0
-            .wait_with_output()
-            .context("collecting the capture")?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let leaks: Vec<&str> = text
-            .lines()
-            .filter(|l| l.split_whitespace().any(crate::check::in_universe))
-            .collect();
-        for l in leaks.iter().take(10) {
-            eprintln!("chaos: plaintext on the underlay: {l}");
-        }
-        Ok(leaks.len())
-    }
 }
 
 #[cfg(test)]

@@ -88,37 +88,58 @@ pub fn in_universe(token: &str) -> bool {
         .is_ok_and(|ip| u32::from(ip) & mask == base & mask)
 }
 
+/// tcpdump on the lab's underlay switch, from `start` to `stop`.
+#[derive(Debug)]
+pub struct Capture(std::process::Child);
+
+impl Capture {
+    pub fn start(lab: &Lab) -> Result<Capture> {
+        let sw = format!("{}-sw", lab.prefix);
+        let child = Command::new("ip")
+            .args([
+                "netns", "exec", &sw, "tcpdump", "-i", "sw0", "-n", "-l", "-U", "ip",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting tcpdump on the underlay (apt-get install tcpdump)")?;
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(Capture(child))
+    }
+
+    /// Stops the capture; its lines.
+    pub fn stop(self) -> Result<String> {
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let out = self
+            .0
+            .wait_with_output()
+            .context("collecting the capture")?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// The captured lines with a pod address in them: pod traffic outside WireGuard.
+pub fn plaintext(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| l.split_whitespace().any(in_universe))
+        .map(String::from)
+        .collect()
+}
+
 /// All-pairs ping under an underlay capture.
 pub fn check(lab: &Lab) -> Result<Verdict> {
-    let sw = format!("{}-sw", lab.prefix);
-    let capture = Command::new("ip")
-        .args([
-            "netns", "exec", &sw, "tcpdump", "-i", "sw0", "-n", "-l", "-U", "ip",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting tcpdump on the underlay (apt-get install tcpdump)")?;
-    std::thread::sleep(Duration::from_millis(500));
+    let capture = Capture::start(lab)?;
     let (pairs, failed) = all_pairs(lab, "2");
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(capture.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    );
-    let out = capture
-        .wait_with_output()
-        .context("collecting the capture")?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = capture.stop()?;
     let wireguard_packets = text
         .lines()
         .filter(|l| l.contains(".51820 > ") && l.contains("UDP"))
         .count();
-    let plaintext = text
-        .lines()
-        .filter(|l| l.split_whitespace().any(in_universe))
-        .map(String::from)
-        .collect();
+    let plaintext = plaintext(&text);
     Ok(Verdict {
         pairs,
         failed,

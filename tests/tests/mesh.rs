@@ -13,6 +13,19 @@ struct TestLab {
     prefix: String,
 }
 
+impl TestLab {
+    /// A fresh lab `<tag><pid>` (unique per test: the tests of this file run in parallel).
+    fn up(tag: &str, nodes: usize, pods: usize, store: &str) -> TestLab {
+        let prefix = format!("{tag}{}", std::process::id() % 100_000);
+        let dir = std::env::temp_dir().join(format!("weft-test-{prefix}"));
+        let lab = Lab::up_with(&dir, &prefix, nodes, pods, store).unwrap_or_else(|e| {
+            let _ = Lab::down(&dir, &prefix);
+            panic!("lab up: {e:#}")
+        });
+        TestLab { lab, dir, prefix }
+    }
+}
+
 impl Drop for TestLab {
     fn drop(&mut self) {
         if let Err(e) = Lab::down(&self.dir, &self.prefix) {
@@ -74,17 +87,7 @@ fn peers_join_and_restart(t: &mut TestLab) {
 
 #[test]
 fn three_nodes_mesh_encrypts_pod_traffic_and_a_fourth_joins() {
-    let prefix = format!("wm{}", std::process::id() % 100_000);
-    let dir = std::env::temp_dir().join(format!("weft-test-{prefix}"));
-    let lab = Lab::up(&dir, &prefix, 3, 1).unwrap_or_else(|e| {
-        let _ = Lab::down(&dir, &prefix);
-        panic!("lab up: {e:#}")
-    });
-    let mut t = TestLab {
-        lab,
-        dir,
-        prefix: prefix.clone(),
-    };
+    let mut t = TestLab::up("wm", 3, 1, "dir");
 
     // Gossip converges within a few rounds: wait for all-pairs reachability first.
     converge(&t.lab, "after up");
@@ -105,17 +108,7 @@ fn three_nodes_mesh_encrypts_pod_traffic_and_a_fourth_joins() {
 
 #[test]
 fn three_nodes_mesh_on_the_real_api_server() {
-    let prefix = format!("wk{}", std::process::id() % 100_000);
-    let dir = std::env::temp_dir().join(format!("weft-test-{prefix}"));
-    let lab = Lab::up_with(&dir, &prefix, 3, 1, "kube").unwrap_or_else(|e| {
-        let _ = Lab::down(&dir, &prefix);
-        panic!("lab up: {e:#}")
-    });
-    let t = TestLab {
-        lab,
-        dir: dir.clone(),
-        prefix,
-    };
+    let t = TestLab::up("wk", 3, 1, "kube");
     let v = weft_tests::check::check(&t.lab).unwrap();
     println!(
         "check (kube store): {} pairs, {} failed; {} WireGuard packets, {} plaintext",
@@ -126,7 +119,7 @@ fn three_nodes_mesh_on_the_real_api_server() {
     );
     assert!(v.ok(), "{v:?}");
     // Each router publishes its MeshPeer and keeps its status: all three Ready with ranges.
-    let env = weft_tests::kube_env::KubeEnv::existing(&dir.join("kube")).unwrap();
+    let env = weft_tests::kube_env::KubeEnv::existing(&t.dir.join("kube")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (ok, out) = env.kubectl(&["get", "meshpeers"]).unwrap();
@@ -250,17 +243,7 @@ fn wait_reclaimed(lab: &Lab, live: &[usize], gone: &str) -> Vec<(String, Vec<Str
 fn dead_and_amnesiac_nodes_are_reclaimed() {
     // Routers the lab starts inherit it: a short grace period for the test.
     std::env::set_var("WEFT_RECLAIM_GRACE", "2");
-    let prefix = format!("wr{}", std::process::id() % 100_000);
-    let dir = std::env::temp_dir().join(format!("weft-test-{prefix}"));
-    let lab = Lab::up(&dir, &prefix, 3, 1).unwrap_or_else(|e| {
-        let _ = Lab::down(&dir, &prefix);
-        panic!("lab up: {e:#}")
-    });
-    let t = TestLab {
-        lab,
-        dir,
-        prefix: prefix.clone(),
-    };
+    let t = TestLab::up("wr", 3, 1, "dir");
     converge(&t.lab, "after up");
     let before = ring_peers(&t.lab, 0);
     assert_eq!(before.len(), 3, "{before:?}");
@@ -279,7 +262,7 @@ fn dead_and_amnesiac_nodes_are_reclaimed() {
         &n3.underlay_ip,
     ])
     .unwrap();
-    let sw = format!("{prefix}-sw");
+    let sw = format!("{}-sw", t.prefix);
     let capture = std::process::Command::new("ip")
         .args([
             "netns", "exec", &sw, "tcpdump", "-i", "sw0", "-n", "-l", "-U", "icmp",
@@ -376,13 +359,7 @@ fn dead_and_amnesiac_nodes_are_reclaimed() {
 /// device) and `weftctl status` (the router); `weftctl peers` names the peer and its endpoint.
 #[test]
 fn metrics_agree_with_wg_show_and_weftctl() {
-    let prefix = format!("wm{}", std::process::id() % 100_000);
-    let dir = std::env::temp_dir().join(format!("weft-test-{prefix}"));
-    let lab = Lab::up(&dir, &prefix, 2, 1).unwrap_or_else(|e| {
-        let _ = Lab::down(&dir, &prefix);
-        panic!("lab up: {e:#}")
-    });
-    let t = TestLab { lab, dir, prefix };
+    let t = TestLab::up("wq", 2, 1, "dir");
     converge(&t.lab, "after up");
     let n1 = &t.lab.nodes[0];
     let wg = n1.wg_interface.clone().unwrap();
@@ -498,13 +475,7 @@ fn metrics_agree_with_wg_show_and_weftctl() {
 fn rmpeer_refuses_a_live_node_and_reclaims_a_dead_one() {
     // Routers started by this process count a peer silent after 4 s (default 180 s).
     std::env::set_var("WEFT_HANDSHAKE_STALE", "4");
-    let prefix = format!("wp{}", std::process::id() % 100_000);
-    let dir = std::env::temp_dir().join(format!("weft-test-{prefix}"));
-    let lab = Lab::up(&dir, &prefix, 3, 1).unwrap_or_else(|e| {
-        let _ = Lab::down(&dir, &prefix);
-        panic!("lab up: {e:#}")
-    });
-    let t = TestLab { lab, dir, prefix };
+    let t = TestLab::up("wp", 3, 1, "dir");
     converge(&t.lab, "after up");
     let weftctl = weft_tests::lab::bin_dir().unwrap().join("weftctl");
     let socket = t.lab.nodes[0].node_api_socket.clone();
