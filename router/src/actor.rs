@@ -581,6 +581,10 @@ impl Actor {
         if !self.peers_synced || !self.node.ring().is_seeded() {
             return;
         }
+        if !self.view_is_current() {
+            debug!("no ring gossip from any live peer lately (cut off?): not reclaiming from a possibly stale view");
+            return;
+        }
         let live: std::collections::BTreeSet<ipam::PeerName> = mesh.peers.keys().cloned().collect();
         let now = self.started.elapsed().as_millis() as u64;
         let due = self.orphans.due(
@@ -606,6 +610,21 @@ impl Actor {
                 }
             }
         }
+    }
+
+    /// Whether our ring is fresh enough to reclaim from: gossip from some live peer arrived
+    /// lately (or there is no other live peer). A router cut off from the mesh (the peer store
+    /// still reaches it through the API server) would otherwise reclaim a dead peer's ranges at
+    /// versions the rest of the mesh has already passed: found by `weft-lab chaos --seed 7`, the
+    /// partitioned node took the reclaim lock and refused the others' newer entries for good.
+    fn view_is_current(&self) -> bool {
+        const FRESH: std::time::Duration = std::time::Duration::from_secs(5);
+        let Some(mesh) = &self.mesh else { return true };
+        mesh.peers.is_empty()
+            || mesh
+                .peers
+                .keys()
+                .any(|p| self.heard.get(p).is_some_and(|t| t.elapsed() < FRESH))
     }
 
     /// Makes `dead`'s ranges ours (we hold its reclaim lock), durably, and tells every peer.
@@ -643,6 +662,13 @@ impl Actor {
                 "this router has no reclaim lock configured".into(),
             ));
         };
+        if !self.view_is_current() {
+            return Err(Failure::retry(
+                "this router has had no ring gossip from any live peer lately, so its view may be \
+                 stale: run rmpeer on a node that is connected to the mesh"
+                    .into(),
+            ));
+        }
         let prefix = format!("{node}/");
         let identities: Vec<ipam::PeerName> = self
             .node
