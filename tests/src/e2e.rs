@@ -51,6 +51,8 @@ pub struct Case {
     pub status: String,
     /// The `<skipped message=...>` of a skipped case ("skipped" alone: filtered out by focus).
     pub skip_message: Option<String>,
+    /// Seconds, as the report says.
+    pub time: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -162,7 +164,15 @@ pub fn run(lab_dir: &Path, opts: &Options) -> Result<Summary> {
             log_path.display()
         )
     })?;
-    let summary = summarize(&parse_junit(&xml));
+    let cases = parse_junit(&xml);
+    let table = opts.report_dir.join("results.md");
+    std::fs::write(&table, results_table(&cases))
+        .with_context(|| format!("writing {}", table.display()))?;
+    eprintln!(
+        "e2e: result table (test, result, time) in {}",
+        table.display()
+    );
+    let summary = summarize(&cases);
     if summary.failed.is_empty() && summary.passed == 0 && !status.success() {
         bail!(
             "e2e.test failed ({status}) and ran no test; see {}",
@@ -320,10 +330,33 @@ pub fn parse_junit(xml: &str) -> Vec<Case> {
             name: attr(tag, "name").unwrap_or_default(),
             status: attr(tag, "status").unwrap_or_default(),
             skip_message,
+            time: attr(tag, "time").unwrap_or_default(),
         });
         rest = &rest[body_end.max(1)..];
     }
     cases
+}
+
+/// The tests that ran (not those filtered out), as a Markdown table: test, result, seconds.
+pub fn results_table(cases: &[Case]) -> String {
+    let mut out = String::from("| test | result | time (s) |\n| --- | --- | ---: |\n");
+    for c in cases {
+        let Some(name) = c.name.strip_prefix("[It] ") else {
+            continue;
+        };
+        if c.status == "skipped" && c.skip_message.as_deref().is_none_or(|m| m == "skipped") {
+            continue;
+        }
+        out += &format!(
+            "| {} | {} | {} |\n",
+            name.replace('|', "\\|"),
+            c.status,
+            c.time
+                .parse::<f64>()
+                .map_or(c.time.clone(), |t| format!("{t:.1}"))
+        );
+    }
+    out
 }
 
 /// Counts the report's tests (`[It] <full name>`; the name is kept without `[It] `): suite
@@ -387,6 +420,14 @@ mod tests {
         );
         assert_eq!(s.skipped.len(), 1);
         assert_eq!(s.line(), "1 passed, 1 failed, 1 skipped");
+        let table = results_table(&cases);
+        assert_eq!(table.lines().count(), 2 + 3, "{table}");
+        assert!(
+            table.contains(
+                "| [sig-network] DNS should provide DNS for services  [Conformance] | passed | 3.0 |"
+            ),
+            "{table}"
+        );
     }
 
     #[test]
@@ -395,6 +436,7 @@ mod tests {
             name: "[SynchronizedBeforeSuite]".into(),
             status: "failed".into(),
             skip_message: None,
+            time: "0".into(),
         }];
         assert_eq!(summarize(&cases).line(), "0 passed, 1 failed, 0 skipped");
     }

@@ -94,6 +94,9 @@ enum Top {
         #[arg(long, default_value_t = 3)]
         grace: u64,
     },
+    /// The result table (test, result, time) of a saved e2e JUnit report, in Markdown.
+    #[command(hide = true)]
+    E2eTable { junit: PathBuf },
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -251,6 +254,13 @@ async fn main() -> Result<()> {
             if !summary.failed.is_empty() {
                 std::process::exit(1);
             }
+        }
+        Top::E2eTable { junit } => {
+            let xml = std::fs::read_to_string(&junit)?;
+            print!(
+                "{}",
+                weft_tests::e2e::results_table(&weft_tests::e2e::parse_junit(&xml))
+            );
         }
         Top::Chaos {
             seed,
