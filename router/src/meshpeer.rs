@@ -81,7 +81,7 @@ pub struct MeshPeerStatus {
     /// The pod address ranges the node owns in the IPAM ring, as CIDRs.
     #[serde(default)]
     pub ranges: Vec<String>,
-    /// `Ready`, `RingConsistent`.
+    /// `Ready`, `RingConsistent`, `HandshakesFresh`.
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// Peers with a WireGuard handshake in the last three minutes, of all peers.

@@ -47,6 +47,8 @@ echo "apply -> all nodes Ready: ${ready_s} s (from cluster start: $((SECONDS - s
 check "all 3 nodes Ready after kubectl apply" test "$(k get nodes --no-headers | grep -c ' Ready ')" = 3
 check "weft DaemonSet rolled out" k -n weft rollout status ds/weft --timeout=60s
 check "3 MeshPeers Ready (status published within 30 s)" eventually 30 meshpeers_ready
+fresh() { test "$(k get meshpeers -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="HandshakesFresh")].status}{"\n"}{end}' | grep -c True)" = 3; }
+check "3 MeshPeers HandshakesFresh (a handshake with every peer)" eventually 30 fresh
 owners=$(k get meshpeers -o jsonpath='{range .items[*]}{.metadata.name}={.metadata.ownerReferences[0].kind}/{.metadata.ownerReferences[0].name}{" "}{end}')
 check "each MeshPeer is owned by its Node (the garbage collector deletes it with the Node)" \
 	test "$owners" = "node1=Node/node1 node2=Node/node2 node3=Node/node3 "

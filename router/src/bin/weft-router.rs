@@ -138,7 +138,7 @@ async fn shutdown_signal(userspace_wg: Option<String>) {
 }
 
 /// Keeps this node's MeshPeer status (short key, owned ranges, Ready) current.
-async fn publish_status(store: KubeStore, handle: Handle, key: String) {
+async fn publish_status(store: KubeStore, handle: Handle, key: String, stale_after: Duration) {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
     // What was last published: ranges, ready, reason, ring problem, handshakes.
     type Published = (Vec<String>, bool, String, Option<String>, String);
@@ -153,15 +153,34 @@ async fn publish_status(store: KubeStore, handle: Handle, key: String) {
         };
         // Refused gossip or a ring too large to send: either way the mesh's rings differ.
         let ring_problem = s.refused_gossip.clone().or(s.unsent_gossip.clone());
-        let handshakes = match handle.mesh_peers().await {
-            Ok(p) => format!(
-                "{}/{}",
-                p.iter()
-                    .filter(|p| p.last_handshake_secs.is_some_and(|s| s <= 180))
-                    .count(),
-                p.len()
-            ),
-            Err(_) => continue,
+        let Ok(peers) = handle.mesh_peers().await else {
+            continue;
+        };
+        let stale: Vec<&str> = peers
+            .iter()
+            .filter(|p| {
+                p.last_handshake_secs
+                    .is_none_or(|s| s > stale_after.as_secs())
+            })
+            .map(|p| p.node.as_str())
+            .collect();
+        let handshakes = format!("{}/{}", peers.len() - stale.len(), peers.len());
+        let handshakes_fresh = Condition {
+            type_: "HandshakesFresh".into(),
+            status: if stale.is_empty() { "True" } else { "False" }.into(),
+            reason: if stale.is_empty() { "Fresh" } else { "Stale" }.into(),
+            message: if stale.is_empty() {
+                format!("a WireGuard handshake with each of {} peers", peers.len())
+            } else {
+                format!(
+                    "no WireGuard handshake for over {}s with: {} (check UDP to their endpoints \
+                     and their routers)",
+                    stale_after.as_secs(),
+                    stale.join(", ")
+                )
+            },
+            last_transition_time: Time(since),
+            observed_generation: None,
         };
         let now = (
             s.owned.clone(),
@@ -215,6 +234,7 @@ async fn publish_status(store: KubeStore, handle: Handle, key: String) {
                     last_transition_time: Time(since),
                     observed_generation: None,
                 },
+                handshakes_fresh,
             ],
             handshakes: Some(handshakes),
         };
@@ -484,6 +504,7 @@ async fn main() -> Result<()> {
             (**store).clone(),
             handle.clone(),
             me_spec_key.clone(),
+            Duration::from_secs(a.handshake_stale),
         ));
     }
     let h = handle.clone();
