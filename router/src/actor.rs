@@ -62,6 +62,10 @@ enum Request {
     /// The WireGuard peers as `weftctl peers` and the metrics show them.
     MeshState(Reply<Vec<weft_node_api::PeerInfo>>),
     RmPeer(String, Reply<weft_node_api::RmPeerResult>),
+    /// Key rotation, first half: the next key published. Returns it.
+    RotatePrepare(Reply<String>),
+    /// Second half: switched to the next key.
+    RotateFinish(Reply<weft_node_api::RotateKeyResult>),
     Lookup(Attachment, Reply<Option<Allocation>>),
     Status(Reply<Status>),
     Health(Reply<Health>),
@@ -111,6 +115,10 @@ struct Actor {
     metrics: Arc<Metrics>,
     /// When each ring peer's gossip last arrived: proof that it is alive.
     heard: std::collections::BTreeMap<ipam::PeerName, std::time::Instant>,
+    /// Publishes our MeshPeer (key rotation); `None` without a mesh.
+    publisher: Option<crate::rotate::Publisher>,
+    /// The key a rotation in progress switches to.
+    next_key: Option<crate::keys::Identity>,
 }
 
 impl Actor {
@@ -647,6 +655,80 @@ impl Actor {
         )
     }
 
+    /// Generates the next key (in `key.next`) and publishes it as `nextPublicKey`.
+    async fn rotate_prepare(&mut self) -> Result<String, Failure> {
+        let (Some(mesh), Some(publisher)) = (&self.mesh, &self.publisher) else {
+            return Err(Failure::refused(
+                400,
+                "this router has no mesh: no key to rotate".into(),
+            ));
+        };
+        let path = self.cfg.state_dir.join(crate::rotate::NEXT_KEY);
+        let next = crate::keys::Identity::create_at(&path)
+            .map_err(|e| Failure::internal(format!("creating the next key: {e}")))?;
+        let mut spec = mesh.me.spec.clone();
+        spec.next_public_key = Some(next.public_base64());
+        publisher
+            .publish(spec)
+            .await
+            .map_err(|e| Failure::retry(format!("publishing the next key in our MeshPeer: {e}")))?;
+        info!(next = %next.public_base64(), "key rotation: next key published; peers accept it from now");
+        let key = next.public_base64();
+        self.next_key = Some(next);
+        Ok(key)
+    }
+
+    /// Makes the next key ours: on disk first, then the interface, then the MeshPeer.
+    async fn rotate_finish(&mut self) -> Result<weft_node_api::RotateKeyResult, Failure> {
+        let Some(next) = self.next_key.take() else {
+            return Err(Failure::refused(409, "no key rotation in progress".into()));
+        };
+        let (Some(mesh), Some(publisher)) = (&mut self.mesh, self.publisher.clone()) else {
+            return Err(Failure::internal(
+                "the mesh went away during a key rotation".into(),
+            ));
+        };
+        let (from, to) = (
+            self.cfg.state_dir.join(crate::rotate::NEXT_KEY),
+            self.cfg.state_dir.join("key"),
+        );
+        std::fs::rename(&from, &to)
+            .and_then(|()| std::fs::File::open(&self.cfg.state_dir)?.sync_all())
+            .map_err(|e| {
+                Failure::internal(format!(
+                    "making {} the key ({}): {e}; the old key stays",
+                    from.display(),
+                    to.display()
+                ))
+            })?;
+        let old_mesh: std::net::Ipv6Addr = mesh.me.spec.mesh_address.parse().map_err(|_| {
+            Failure::internal(format!(
+                "our mesh address {} does not parse",
+                mesh.me.spec.mesh_address
+            ))
+        })?;
+        mesh.device
+            .rekey(&next.private_base64(), next.mesh_address(), old_mesh)
+            .await
+            .map_err(|e| Failure::internal(format!("{e}")))?;
+        let old_public_key = std::mem::replace(&mut mesh.me.spec.public_key, next.public_base64());
+        mesh.me.spec.mesh_address = next.mesh_address().to_string();
+        mesh.me.spec.next_public_key = None;
+        mesh.rekeyed();
+        let spec = mesh.me.spec.clone();
+        self.settle().await;
+        if let Err(e) = publisher.publish(spec.clone()).await {
+            warn!("publishing our new key: {e}; retrying with the next republish");
+        }
+        info!(old = %old_public_key, new = %spec.public_key, mesh = %spec.mesh_address, "key rotation: switched to the new key");
+        Ok(weft_node_api::RotateKeyResult {
+            old_public_key,
+            new_public_key: spec.public_key,
+            mesh_address: spec.mesh_address,
+            ring_name: self.node.me().to_string(),
+        })
+    }
+
     /// `weftctl rmpeer`: reclaims a dead node's ranges now. Refused while anything says the
     /// node is alive (gossip heard, or a WireGuard handshake, within the stale period): taking
     /// ranges from a live node gives their addresses two owners.
@@ -796,6 +878,14 @@ impl Actor {
                 }
                 Request::Status(tx) => drop(tx.send(Ok(self.status()))),
                 Request::MeshState(tx) => drop(tx.send(Ok(self.mesh_peers()))),
+                Request::RotatePrepare(tx) => {
+                    let r = self.rotate_prepare().await;
+                    drop(tx.send(r));
+                }
+                Request::RotateFinish(tx) => {
+                    let r = self.rotate_finish().await;
+                    drop(tx.send(r));
+                }
                 Request::RmPeer(node, tx) => {
                     let r = self.rmpeer(&node).await;
                     drop(tx.send(r));
@@ -834,6 +924,7 @@ impl Handle {
         mesh: Option<Mesh>,
         index: SenderIndex,
         reclaim: Option<(crate::reclaim::Lock, std::time::Duration)>,
+        publisher: Option<crate::rotate::Publisher>,
     ) -> Handle {
         let (tx, rx) = mpsc::channel(256);
         let metrics = Arc::new(Metrics::new());
@@ -856,6 +947,8 @@ impl Handle {
                 started: std::time::Instant::now(),
                 metrics: metrics.clone(),
                 heard: Default::default(),
+                publisher,
+                next_key: None,
             }
             .run(rx),
         );
@@ -897,6 +990,23 @@ impl Handle {
 
     pub async fn lookup(&self, a: Attachment) -> Result<Option<Allocation>, Failure> {
         self.ask(|tx| Request::Lookup(a, tx)).await
+    }
+
+    /// `weftctl rotate-key`: publishes a next key, waits `settle` (outside the actor: pods keep
+    /// being served), switches to it.
+    pub async fn rotate_key(
+        &self,
+        settle: std::time::Duration,
+    ) -> Result<weft_node_api::RotateKeyResult, Failure> {
+        let h = self.clone();
+        // In a task of its own: a client that hangs up must not leave the rotation half done.
+        tokio::spawn(async move {
+            h.ask(Request::RotatePrepare).await?;
+            tokio::time::sleep(settle).await;
+            h.ask(Request::RotateFinish).await
+        })
+        .await
+        .map_err(|e| Failure::internal(format!("the key rotation task failed: {e}")))?
     }
 
     pub async fn rmpeer(&self, node: String) -> Result<weft_node_api::RmPeerResult, Failure> {

@@ -71,16 +71,26 @@ impl Identity {
             std::fs::create_dir_all(dir).map_err(Error::io("creating key directory", dir))?;
         }
         let id = Self::from_secret(StaticSecret::random_from_rng(rand::rngs::OsRng));
+        id.write_new(path)?;
+        Ok(id)
+    }
+
+    /// A new key in `path`, which must not exist (exclusive create, mode 0600, synced).
+    pub fn create_at(path: &Path) -> Result<Identity> {
+        let _ = std::fs::remove_file(path);
+        Self::create(path)
+    }
+
+    fn write_new(&self, path: &Path) -> Result<()> {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(path)
             .map_err(Error::io("creating key", path))?;
-        writeln!(f, "{}", id.private_base64())
+        writeln!(f, "{}", self.private_base64())
             .and_then(|_| f.sync_all())
-            .map_err(Error::io("writing key", path))?;
-        Ok(id)
+            .map_err(Error::io("writing key", path))
     }
 
     fn from_secret(secret: StaticSecret) -> Identity {

@@ -18,6 +18,7 @@ pub mod peers;
 pub mod plan;
 pub mod reclaim;
 pub mod reset;
+pub mod rotate;
 pub mod seed;
 pub mod server;
 pub mod store;

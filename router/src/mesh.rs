@@ -117,6 +117,12 @@ impl Mesh {
         })
     }
 
+    /// After the interface switched keys (it dropped every peer): the next reconcile adds them
+    /// all back as the plan has them.
+    pub fn rekeyed(&mut self) {
+        self.applied.clear();
+    }
+
     /// Makes the device's peers match the plan for `ring`.
     pub fn reconcile(&mut self, ring: &Ring) -> Result<()> {
         let others: Vec<Node> = self.peers.values().cloned().collect();

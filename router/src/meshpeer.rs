@@ -42,6 +42,14 @@ pub struct MeshPeerSpec {
     /// Keepalive in seconds, for nodes behind NAT.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persistent_keepalive: Option<u16>,
+    /// The node's peer name in the IPAM ring (`<node>/<hash of its first key>`), kept when the
+    /// key rotates. Absent: derived from `publicKey`. Must start with the object's name and `/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring_name: Option<String>,
+    /// The key this node is rotating to (`weftctl rotate-key`): peers accept handshakes from it
+    /// until it becomes `publicKey`, so the switch costs only the time for routers to see it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_public_key: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

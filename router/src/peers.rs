@@ -168,6 +168,8 @@ mod tests {
             mesh_address: "fd77:6566:7400::1".into(),
             location: None,
             persistent_keepalive: None,
+            ring_name: None,
+            next_public_key: None,
         }
     }
 

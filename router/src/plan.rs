@@ -18,9 +18,18 @@ pub struct Node {
 }
 
 impl Node {
-    /// This node's peer name in the IPAM ring (see [`crate::keys::ring_name`]).
+    /// This node's peer name in the IPAM ring: the one it publishes (kept across key rotations)
+    /// when it is one of its own (`<name>/...`), else derived from its key (see
+    /// [`crate::keys::ring_name`]).
     pub fn ring_name(&self) -> PeerName {
-        crate::keys::ring_name(&self.name, &self.spec.public_key)
+        match &self.spec.ring_name {
+            Some(n)
+                if n.len() > self.name.len() + 1 && n.starts_with(&format!("{}/", self.name)) =>
+            {
+                PeerName::new(n)
+            }
+            _ => crate::keys::ring_name(&self.name, &self.spec.public_key),
+        }
     }
 }
 
@@ -63,31 +72,48 @@ pub fn endpoint(me: &MeshPeerSpec, peer: &MeshPeerSpec) -> Option<SocketAddr> {
 }
 
 /// The WireGuard peers `me` wants: every other node with a valid key, allowed its mesh address
-/// and the CIDRs it owns in `ring`.
+/// and the CIDRs it owns in `ring`; and for a node rotating its key, the next key too, allowed
+/// nothing yet (its handshakes are accepted, so the switch is quick).
 pub fn desired(me: &Node, others: &[Node], ring: &Ring) -> BTreeMap<String, WgPeer> {
-    others
+    let mut out: BTreeMap<String, WgPeer> = others
         .iter()
         .filter(|n| n.name != me.name && n.spec.public_key != me.spec.public_key)
-        .map(|n| {
-            let mut allowed: Vec<String> = ring
-                .owned_cidrs(&n.ring_name())
-                .iter()
-                .map(|c| c.to_string())
-                .collect();
-            if let Ok(addr) = n.spec.mesh_address.parse::<Ipv6Addr>() {
-                allowed.push(format!("{addr}/128"));
-            }
-            allowed.sort();
-            let keepalive = n.spec.persistent_keepalive.or(me.spec.persistent_keepalive);
-            let peer = WgPeer {
-                public_key: n.spec.public_key.clone(),
+        .filter_map(|n| {
+            let next = n.spec.next_public_key.as_ref()?;
+            (next != &n.spec.public_key).then(|| WgPeer {
+                public_key: next.clone(),
                 endpoint: endpoint(&me.spec, &n.spec),
-                allowed_ips: allowed,
-                keepalive,
-            };
-            (peer.public_key.clone(), peer)
+                allowed_ips: Vec::new(),
+                keepalive: n.spec.persistent_keepalive.or(me.spec.persistent_keepalive),
+            })
         })
-        .collect()
+        .map(|p| (p.public_key.clone(), p))
+        .collect();
+    out.extend(
+        others
+            .iter()
+            .filter(|n| n.name != me.name && n.spec.public_key != me.spec.public_key)
+            .map(|n| {
+                let mut allowed: Vec<String> = ring
+                    .owned_cidrs(&n.ring_name())
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect();
+                if let Ok(addr) = n.spec.mesh_address.parse::<Ipv6Addr>() {
+                    allowed.push(format!("{addr}/128"));
+                }
+                allowed.sort();
+                let keepalive = n.spec.persistent_keepalive.or(me.spec.persistent_keepalive);
+                let peer = WgPeer {
+                    public_key: n.spec.public_key.clone(),
+                    endpoint: endpoint(&me.spec, &n.spec),
+                    allowed_ips: allowed,
+                    keepalive,
+                };
+                (peer.public_key.clone(), peer)
+            }),
+    );
+    out
 }
 
 /// The endpoint last set for each peer (by public key): what `diff` compares the wanted endpoint
@@ -146,6 +172,8 @@ mod tests {
                 mesh_address: format!("fd77:6566:7400::{}", name.len()),
                 location: location.map(String::from),
                 persistent_keepalive: None,
+                ring_name: None,
+                next_public_key: None,
             },
         }
     }
@@ -218,6 +246,33 @@ mod tests {
         let p = &want["kb"];
         assert_eq!(p.allowed_ips, vec!["10.40.0.0/13", "fd77:6566:7400::2/128"]);
         assert_eq!(p.endpoint.unwrap().to_string(), "10.99.0.12:51820");
+    }
+
+    #[test]
+    fn a_published_ring_name_outlives_the_key_and_a_next_key_is_accepted() {
+        use EndpointKind::*;
+        let mut a = node("a", "ka2", None, &[("10.99.0.11:51820", Internal)]);
+        let first = node("a", "ka", None, &[]).ring_name();
+        a.spec.ring_name = Some(first.to_string());
+        assert_eq!(
+            a.ring_name(),
+            first,
+            "the ring name stays across a rotation"
+        );
+        let mut b = node("b", "kb", None, &[("10.99.0.12:51820", Internal)]);
+        b.spec.ring_name = Some(first.to_string());
+        assert_ne!(
+            b.ring_name(),
+            first,
+            "another node's ring name is not b's to claim"
+        );
+        b.spec.ring_name = None;
+        b.spec.next_public_key = Some("kb2".into());
+        let want = desired(&a, &[a.clone(), b.clone()], &ring(&[first.as_str()]));
+        assert_eq!(want.len(), 2, "{want:?}");
+        assert!(want["kb2"].allowed_ips.is_empty());
+        assert_eq!(want["kb2"].endpoint, want["kb"].endpoint);
+        assert!(!want["kb"].allowed_ips.is_empty());
     }
 
     #[test]

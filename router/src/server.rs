@@ -46,6 +46,14 @@ async fn gc(State(h): State<Handle>, Json(r): Json<api::GcRequest>) -> Answer<ap
     timed(&h, "gc", async { h.gc(r).await.map(Json) }).await
 }
 
+async fn rotate_key(
+    State(h): State<Handle>,
+    Json(r): Json<api::RotateKey>,
+) -> Answer<api::RotateKeyResult> {
+    let settle = std::time::Duration::from_secs(r.settle_secs.unwrap_or(5));
+    h.rotate_key(settle).await.map(Json)
+}
+
 async fn rmpeer(State(h): State<Handle>, Json(r): Json<api::RmPeer>) -> Answer<api::RmPeerResult> {
     h.rmpeer(r.node).await.map(Json)
 }
@@ -95,6 +103,7 @@ pub fn routes(h: Handle) -> Router {
         .route(api::PATH_STATUS, get(status))
         .route(api::PATH_PEERS, get(peers))
         .route(api::PATH_RMPEER, post(rmpeer))
+        .route(api::PATH_ROTATE_KEY, post(rotate_key))
         .route(api::PATH_HEALTH, get(health))
         .with_state(h)
 }

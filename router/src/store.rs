@@ -6,7 +6,7 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use ipam::{codec, Node, PeerName};
+use ipam::{codec, Node};
 
 use crate::{Error, Result};
 
@@ -27,23 +27,26 @@ impl Store {
         &self.path
     }
 
-    /// The saved state, if any. A state file that does not decode stops the router: silently
-    /// starting afresh would hand out addresses that running pods still use.
-    pub fn load(&self, me: &PeerName) -> Result<Option<Node>> {
+    /// The saved state of node `node` (its ring identity is `<node>/...`: kept across key
+    /// rotations), if any. A state file that does not decode, or is another node's, stops the
+    /// router: silently starting afresh would hand out addresses that running pods still use.
+    pub fn load(&self, node: &str) -> Result<Option<Node>> {
         let bytes = match fs::read(&self.path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io("reading state", &self.path)(e)),
         };
-        let node = codec::decode_state(&bytes).map_err(|source| Error::CorruptState {
+        let decoded = codec::decode_state(&bytes).map_err(|source| Error::CorruptState {
             path: self.path.clone(),
             source,
         })?;
-        if node.me() != me {
+        let name = node;
+        let node = decoded;
+        if !node.me().as_str().starts_with(&format!("{name}/")) {
             return Err(Error::WrongNode {
                 path: self.path.clone(),
                 found: node.me().to_string(),
-                expected: me.to_string(),
+                expected: format!("{name}/..."),
             });
         }
         Ok(Some(node))

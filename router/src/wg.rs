@@ -52,6 +52,8 @@ pub struct PeerState {
 pub struct Device {
     name: String,
     api: Api,
+    port: u16,
+    mtu: u32,
 }
 
 impl std::fmt::Debug for Device {
@@ -114,6 +116,52 @@ pub async fn kernel_supported() -> Result<bool> {
     out
 }
 
+/// Removes `addr` from interface `name` (gone already: fine).
+async fn remove_address(name: &str, addr: Ipv6Addr) -> Result<()> {
+    use futures::TryStreamExt;
+    let netlink = |what: String| move |source| Error::Netlink { what, source };
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| Error::Net {
+        what: "opening netlink".into(),
+        reason: e.to_string(),
+    })?;
+    let conn = tokio::spawn(conn);
+    let result = async {
+        let Some(link) = handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute()
+            .try_next()
+            .await
+            .map_err(netlink(format!("finding {name}")))?
+        else {
+            return Ok(());
+        };
+        let mut addrs = handle
+            .address()
+            .get()
+            .set_link_index_filter(link.header.index)
+            .set_address_filter(IpAddr::V6(addr))
+            .execute();
+        while let Some(a) = addrs
+            .try_next()
+            .await
+            .map_err(netlink(format!("listing addresses of {name}")))?
+        {
+            handle
+                .address()
+                .del(a)
+                .execute()
+                .await
+                .map_err(netlink(format!("removing {addr} from {name}")))?;
+        }
+        Ok(())
+    }
+    .await;
+    conn.abort();
+    result
+}
+
 fn to_peer(p: &WgPeer) -> Result<Peer> {
     let mut peer = Peer::new(key(&p.public_key)?);
     peer.endpoint = p.endpoint;
@@ -162,6 +210,8 @@ impl Device {
         let device = Device {
             name: name.to_string(),
             api,
+            port,
+            mtu,
         };
         let cfg = InterfaceConfiguration {
             name: name.to_string(),
@@ -183,6 +233,30 @@ impl Device {
             info!("the kernel has no WireGuard (EOPNOTSUPP): using userspace WireGuard in-process");
         }
         Ok(device)
+    }
+
+    /// Switches the interface to a new private key and the mesh address that goes with it
+    /// (`weftctl rotate-key`). Every peer is dropped with the old key's sessions; the caller
+    /// reconciles them back at once.
+    pub async fn rekey(&self, private_key: &str, mesh: Ipv6Addr, old_mesh: Ipv6Addr) -> Result<()> {
+        let cfg = InterfaceConfiguration {
+            name: self.name.clone(),
+            prvkey: private_key.to_string(),
+            addresses: vec![IpAddrMask::new(IpAddr::V6(mesh), 128)],
+            port: self.port,
+            peers: Vec::new(),
+            mtu: Some(self.mtu),
+            fwmark: None,
+        };
+        self.ops()
+            .configure_interface(&cfg)
+            .map_err(wg_err(format!(
+                "switching {} to a new key ({mesh}/128)",
+                self.name
+            )))?;
+        remove_address(&self.name, old_mesh).await?;
+        info!(interface = %self.name, %mesh, "WireGuard key rotated");
+        Ok(())
     }
 
     fn ops(&self) -> &dyn WireguardInterfaceApi {

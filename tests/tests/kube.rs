@@ -193,6 +193,8 @@ async fn meshpeer_crd_installs_validates_and_takes_server_side_apply() {
         mesh_address: "fd77:6566:7400::1".into(),
         location: None,
         persistent_keepalive: None,
+        ring_name: None,
+        next_public_key: None,
     };
     let pp = kube::api::PatchParams::apply("weft-router").force();
     let mp = MeshPeer::new("node1", spec.clone());
@@ -263,6 +265,8 @@ async fn kube_peer_store_works_for_a_router_with_weft_rbac_only() {
         mesh_address: "fd77:6566:7400::1".into(),
         location: None,
         persistent_keepalive: None,
+        ring_name: None,
+        next_public_key: None,
     };
     let k1 = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
     let k2 = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";

@@ -547,3 +547,87 @@ fn rmpeer_refuses_a_live_node_and_reclaims_a_dead_one() {
         .count();
     assert_eq!(locks, 1);
 }
+
+/// `weftctl rotate-key` on node1 while node2's pod pings node1's pod every 50 ms: the new key is
+/// in use everywhere, the ring name (and so the ranges) unchanged, the pause under a second; a
+/// restart keeps the new key and the ring name.
+#[test]
+fn key_rotation_keeps_the_ring_name_and_pauses_under_a_second() {
+    let mut t = TestLab::up("wz", 3, 1, "dir");
+    converge(&t.lab, "after up");
+    let before = ring_peers(&t.lab, 1);
+    let weftctl = weft_tests::lab::bin_dir().unwrap().join("weftctl");
+    let (n1, n2) = (t.lab.nodes[0].clone(), t.lab.nodes[1].clone());
+    let (to, from_ns) = (n1.pods[0].ip.clone(), n2.pods[0].netns.clone());
+    let pinger = std::thread::spawn(move || {
+        netns::exec(
+            &from_ns,
+            &[
+                "ping", "-n", "-q", "-i", "0.05", "-c", "140", "-W", "1", &to,
+            ],
+        )
+        .unwrap_or_else(|e| format!("{e:#}"))
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    let out = std::process::Command::new(&weftctl)
+        .arg("--socket")
+        .arg(&n1.node_api_socket)
+        .args(["rotate-key", "--settle", "2", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "rotate-key: {out:?}");
+    let r: weft_node_api::RotateKeyResult = serde_json::from_slice(&out.stdout).unwrap();
+    let ping = pinger.join().unwrap();
+    let stats = ping
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no ping summary: {ping}"));
+    let num = |word: &str| -> u64 {
+        let i = stats.find(word).unwrap();
+        stats[..i]
+            .split_whitespace()
+            .last()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (sent, got) = (num(" packets transmitted"), num(" received"));
+    println!(
+        "key rotation on node1: {} -> {}; pod pings every 50 ms from node2: {sent} sent, {got} received, {} lost ({} ms)",
+        &r.old_public_key[..8],
+        &r.new_public_key[..8],
+        sent - got,
+        (sent - got) * 50
+    );
+    assert!((sent - got) * 50 <= 1000, "{stats}");
+
+    // node2 and node3 use the new key only; the ring is as before.
+    for n in &t.lab.nodes[1..] {
+        let wg = n.wg_interface.clone().unwrap();
+        let show = netns::exec(&n.netns, &["wg", "show", &wg, "peers"]).unwrap();
+        assert!(
+            show.contains(&r.new_public_key) && !show.contains(&r.old_public_key),
+            "{}: {show}",
+            n.name
+        );
+    }
+    assert_eq!(ring_peers(&t.lab, 1), before);
+    assert!(before.iter().any(|(p, _)| p == &r.ring_name), "{before:?}");
+    converge(&t.lab, "after the rotation");
+
+    // A restart: the new key, the same ring identity.
+    t.lab.stop_router(0).unwrap();
+    t.lab.start_router(0).unwrap();
+    let status: weft_node_api::Status = weft_node_api::client::call(
+        &t.lab.nodes[0].node_api_socket,
+        "GET",
+        weft_node_api::PATH_STATUS,
+        None::<&()>,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(status.public_key, r.new_public_key);
+    converge(&t.lab, "after a restart with the rotated key");
+    assert_eq!(ring_peers(&t.lab, 1), before);
+    t.lab.save().unwrap();
+}

@@ -14,6 +14,7 @@
 //! | GET | [`PATH_STATUS`] | — | [`Status`] |
 //! | GET | [`PATH_PEERS`] | — | [`PeerInfo`] list |
 //! | POST | [`PATH_RMPEER`] | [`RmPeer`] | [`RmPeerResult`] (409 while the node is alive) |
+//! | POST | [`PATH_ROTATE_KEY`] | [`RotateKey`] | [`RotateKeyResult`] (answers once done) |
 //! | GET | [`PATH_HEALTH`] | — | [`Health`] (503 when not ready) |
 //!
 //! Errors: a non-2xx status with an [`ApiError`] body.
@@ -32,6 +33,7 @@ pub const PATH_LOOKUP: &str = "/v1/allocation";
 pub const PATH_STATUS: &str = "/v1/status";
 pub const PATH_PEERS: &str = "/v1/peers";
 pub const PATH_RMPEER: &str = "/v1/rmpeer";
+pub const PATH_ROTATE_KEY: &str = "/v1/rotate-key";
 pub const PATH_HEALTH: &str = "/healthz";
 
 /// One pod interface, as CNI identifies an attachment: network name, container id, ifname.
@@ -194,4 +196,22 @@ pub struct RmPeerResult {
     pub reclaimed: Vec<(String, Vec<String>)>,
     /// Identities another router had already locked (it takes their ranges).
     pub held_elsewhere: Vec<String>,
+}
+
+/// Rotate this node's WireGuard key.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotateKey {
+    /// Seconds between publishing the next key and switching to it: long enough for every
+    /// router to see it (default 5).
+    #[serde(default)]
+    pub settle_secs: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotateKeyResult {
+    pub old_public_key: String,
+    pub new_public_key: String,
+    pub mesh_address: String,
+    /// The ring identity, unchanged.
+    pub ring_name: String,
 }

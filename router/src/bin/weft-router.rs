@@ -138,10 +138,10 @@ async fn shutdown_signal(userspace_wg: Option<String>) {
 }
 
 /// Keeps this node's MeshPeer status (short key, owned ranges, Ready) current.
-async fn publish_status(store: KubeStore, handle: Handle, key: String, stale_after: Duration) {
+async fn publish_status(store: KubeStore, handle: Handle, stale_after: Duration) {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-    // What was last published: ranges, ready, reason, ring problem, handshakes.
-    type Published = (Vec<String>, bool, String, Option<String>, String);
+    // What was last published: ranges, ready, reason, ring problem, handshakes, key.
+    type Published = (Vec<String>, bool, String, Option<String>, String, String);
     let mut last: Option<Published> = None;
     let mut since = k8s_openapi::jiff::Timestamp::now();
     let mut refresh = 0u32;
@@ -188,6 +188,7 @@ async fn publish_status(store: KubeStore, handle: Handle, key: String, stale_aft
             s.reason.clone(),
             ring_problem.clone(),
             handshakes.clone(),
+            s.public_key.clone(),
         );
         // Unchanged: skip, but not forever — a MeshPeer deleted and published again starts
         // with an empty status.
@@ -199,7 +200,7 @@ async fn publish_status(store: KubeStore, handle: Handle, key: String, stale_aft
             since = k8s_openapi::jiff::Timestamp::now();
         }
         let status = MeshPeerStatus {
-            short_key: key.chars().take(8).collect(),
+            short_key: s.public_key.chars().take(8).collect(),
             ranges: s.owned.clone(),
             conditions: vec![
                 Condition {
@@ -346,14 +347,21 @@ async fn main() -> Result<()> {
         std::fs::remove_file(&key_path)
             .with_context(|| format!("removing the stale key {}", key_path.display()))?;
     }
+    // A rotation cut short (`weftctl rotate-key`): the next key never became this node's.
+    let next_key = cfg.state_dir.join(router::rotate::NEXT_KEY);
+    if next_key.exists() {
+        warn!(path = %next_key.display(), "a key rotation was interrupted: keeping the current key (run weftctl rotate-key again)");
+        std::fs::remove_file(&next_key)
+            .with_context(|| format!("removing {}", next_key.display()))?;
+    }
     let identity = Identity::load_or_create(&key_path)?;
-    let me = router::keys::ring_name(&cfg.node, &identity.public_base64());
-    let mut node = match store.load(&me)? {
+    let mut node = match store.load(&cfg.node)? {
         Some(node) => {
-            info!(path = %store.path().display(), allocations = node.space().len(), "restored state");
+            info!(path = %store.path().display(), allocations = node.space().len(), ring_name = %node.me(), "restored state");
             node
         }
         None => {
+            let me = router::keys::ring_name(&cfg.node, &identity.public_base64());
             // On disk before the seed decision: the seed record names this identity, and a
             // crash right after creating it must come back as the same identity.
             let node = Node::new(me.clone(), cfg.universe)?;
@@ -361,6 +369,9 @@ async fn main() -> Result<()> {
             node
         }
     };
+    // The ring identity is the state's: it was derived from the first key and stays when the
+    // key rotates.
+    let me = node.me().clone();
     if node.ring().universe() != cfg.universe {
         anyhow::bail!(
             "saved ring is over {} but --universe is {}: the universe cannot change under running pods",
@@ -436,6 +447,8 @@ async fn main() -> Result<()> {
         mesh_address: identity.mesh_address().to_string(),
         location: None,
         persistent_keepalive: None,
+        ring_name: Some(me.to_string()),
+        next_public_key: None,
     };
     let peers = match &kube {
         Some(client) => PeerStoreKind::Kube(Box::new(KubeStore::new(client.clone()))),
@@ -445,8 +458,9 @@ async fn main() -> Result<()> {
     info!(key = %identity.public_base64(), mesh = %identity.mesh_address(), endpoint = %a.endpoint, "published MeshPeer");
     let (inbound_tx, mut inbound_rx) = tokio::sync::mpsc::channel(256);
     let index = Arc::new(RwLock::new(BTreeMap::new()));
-    let me_spec_key = me_spec.public_key.clone();
-    let (me_node_name, me_spec_copy) = (cfg.node.clone(), me_spec.clone());
+    let me_node_name = cfg.node.clone();
+    let publisher =
+        router::rotate::Publisher::new(peers.clone(), me_node_name.clone(), me_spec.clone());
     let me_node = plan::Node {
         name: cfg.node.clone(),
         spec: me_spec,
@@ -464,7 +478,15 @@ async fn main() -> Result<()> {
         None => router::reclaim::Lock::Dir(cfg.peers_dir.clone()),
     };
     let reclaim = Some((lock, Duration::from_secs_f64(a.reclaim_grace)));
-    let handle = Handle::spawn(cfg, node, store, Some(mesh), index, reclaim);
+    let handle = Handle::spawn(
+        cfg,
+        node,
+        store,
+        Some(mesh),
+        index,
+        reclaim,
+        Some(publisher.clone()),
+    );
     let h = handle.clone();
     tokio::spawn(async move {
         while let Some(m) = inbound_rx.recv().await {
@@ -473,14 +495,14 @@ async fn main() -> Result<()> {
     });
     let h = handle.clone();
     let mut watch = peers.watch();
-    let (store, me_name, spec) = (peers.clone(), me_node_name.clone(), me_spec_copy);
+    let me_name = me_node_name.clone();
     tokio::spawn(async move {
         loop {
             let snapshot = watch.borrow_and_update().clone();
             // Our own MeshPeer deleted (by hand, by a mistaken cleanup): publish it again, or
             // the other nodes would drop us from the mesh for good.
             if !snapshot.is_empty() && !snapshot.iter().any(|n| n.name == me_name) {
-                match store.publish(&me_name, &spec).await {
+                match publisher.republish().await {
                     Ok(()) => warn!(node = %me_name, "our MeshPeer was gone: published it again"),
                     Err(e) => warn!(node = %me_name, "re-publishing our deleted MeshPeer: {e}"),
                 }
@@ -503,7 +525,6 @@ async fn main() -> Result<()> {
         tokio::spawn(publish_status(
             (**store).clone(),
             handle.clone(),
-            me_spec_key.clone(),
             Duration::from_secs(a.handshake_stale),
         ));
     }

@@ -77,6 +77,15 @@ enum Cmd {
     /// not coming back) now, instead of when its MeshPeer is deleted. Refused (exit 1) while
     /// the node is alive: gossip from it or a handshake with it within the stale period.
     Rmpeer { node: String },
+    /// Rotate this node's WireGuard key: the new key is published first (peers accept it), then
+    /// after --settle seconds the interface switches to it and it replaces the old one. Pod
+    /// traffic pauses only while the other routers see the switch. Run it when every router
+    /// runs this version (older ones would treat the new key as a new node).
+    RotateKey {
+        /// Seconds between publishing the next key and switching to it.
+        #[arg(long, default_value_t = 5)]
+        settle: u64,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion { shell: clap_complete::Shell },
 }
@@ -375,6 +384,37 @@ fn main() -> Result<()> {
                     "if its MeshPeer still exists: kubectl delete meshpeer {node} (routers may not \
                      delete MeshPeers)"
                 );
+            }
+        }
+        Cmd::RotateKey { settle } => {
+            let req = weft_node_api::RotateKey {
+                settle_secs: Some(settle),
+            };
+            let r: weft_node_api::RotateKeyResult = match client::call(
+                &cli.socket,
+                "POST",
+                weft_node_api::PATH_ROTATE_KEY,
+                Some(&req),
+                Duration::from_secs(settle + 30),
+            ) {
+                Ok(r) => r,
+                Err(client::Error::Api { error, .. }) => {
+                    eprintln!("weftctl rotate-key: refused: {}", error.error);
+                    std::process::exit(1);
+                }
+                Err(e) => {
+                    eprintln!(
+                        "weftctl: asking weft-router at {} to rotate its key: {e}",
+                        cli.socket.display()
+                    );
+                    std::process::exit(2);
+                }
+            };
+            if !print_as(cli.output, &r)? {
+                println!("old key   {}", r.old_public_key);
+                println!("new key   {}", r.new_public_key);
+                println!("mesh      {}", r.mesh_address);
+                println!("ring name {} (unchanged)", r.ring_name);
             }
         }
         Cmd::Completion { shell } => {
