@@ -553,7 +553,7 @@ fn rmpeer_refuses_a_live_node_and_reclaims_a_dead_one() {
 /// restart keeps the new key and the ring name.
 #[test]
 fn key_rotation_keeps_the_ring_name_and_pauses_under_a_second() {
-    let mut t = TestLab::up("wz", 3, 1, "dir");
+    let t = TestLab::up("wz", 3, 1, "dir");
     converge(&t.lab, "after up");
     let before = ring_peers(&t.lab, 1);
     let weftctl = weft_tests::lab::bin_dir().unwrap().join("weftctl");
