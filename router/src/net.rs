@@ -41,7 +41,10 @@ fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
     move |source| Error::Netlink { what, source }
 }
 
-async fn link_by_name(handle: &rtnetlink::Handle, name: &str) -> Result<Option<LinkMessage>> {
+pub(crate) async fn link_by_name(
+    handle: &rtnetlink::Handle,
+    name: &str,
+) -> Result<Option<LinkMessage>> {
     match handle
         .link()
         .get()

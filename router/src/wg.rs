@@ -126,15 +126,7 @@ async fn remove_address(name: &str, addr: Ipv6Addr) -> Result<()> {
     })?;
     let conn = tokio::spawn(conn);
     let result = async {
-        let Some(link) = handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute()
-            .try_next()
-            .await
-            .map_err(netlink(format!("finding {name}")))?
-        else {
+        let Some(link) = crate::net::link_by_name(&handle, name).await? else {
             return Ok(());
         };
         let mut addrs = handle

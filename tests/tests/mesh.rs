@@ -34,6 +34,37 @@ impl Drop for TestLab {
     }
 }
 
+fn status_of(lab: &Lab, n: usize) -> weft_node_api::Status {
+    weft_node_api::client::call(
+        &lab.nodes[n].node_api_socket,
+        "GET",
+        weft_node_api::PATH_STATUS,
+        None::<&()>,
+        Duration::from_secs(5),
+    )
+    .unwrap()
+}
+
+/// Runs weftctl against node `n`'s router.
+fn weftctl(lab: &Lab, n: usize, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(weft_tests::lab::bin_dir().unwrap().join("weftctl"))
+        .arg("--socket")
+        .arg(&lab.nodes[n].node_api_socket)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Reclaim lock files for `node`'s identities in the directory store.
+fn reclaim_locks(lab: &Lab, node: &str) -> usize {
+    let prefix = format!("reclaim-{node}-");
+    std::fs::read_dir(lab.dir.join("peers"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .count()
+}
+
 fn converge(lab: &Lab, when: &str) {
     if let Err(e) = weft_tests::check::converge(lab, Duration::from_secs(20)) {
         panic!("{when}: {e:#}");
@@ -72,14 +103,7 @@ fn peers_join_and_restart(t: &mut TestLab) {
     let before: Vec<String> = t.lab.nodes[1].pods.iter().map(|p| p.ip.clone()).collect();
     t.lab.stop_router(1).unwrap();
     t.lab.start_router(1).unwrap();
-    let status: weft_node_api::Status = weft_node_api::client::call(
-        &t.lab.nodes[1].node_api_socket,
-        "GET",
-        weft_node_api::PATH_STATUS,
-        None::<&()>,
-        Duration::from_secs(5),
-    )
-    .unwrap();
+    let status = status_of(&t.lab, 1);
     let after: Vec<String> = status.pods.iter().map(|p| p.ip.to_string()).collect();
     assert_eq!(before, after);
     converge(&t.lab, "after the restart");
@@ -207,15 +231,8 @@ fn three_nodes_mesh_on_the_real_api_server() {
 }
 
 fn ring_peers(lab: &Lab, n: usize) -> Vec<(String, Vec<String>)> {
-    let s: weft_node_api::Status = weft_node_api::client::call(
-        &lab.nodes[n].node_api_socket,
-        "GET",
-        weft_node_api::PATH_STATUS,
-        None::<&()>,
-        Duration::from_secs(5),
-    )
-    .unwrap();
-    s.ring_peers
+    status_of(lab, n)
+        .ring_peers
         .into_iter()
         .map(|p| (p.name, p.cidrs))
         .collect()
@@ -305,16 +322,11 @@ fn dead_and_amnesiac_nodes_are_reclaimed() {
         "node3's ranges reclaimed after {:?}: {after:?}",
         started.elapsed()
     );
-    let locks: Vec<_> = std::fs::read_dir(t.lab.dir.join("peers"))
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with("reclaim-node3-")
-        })
-        .collect();
-    assert_eq!(locks.len(), 1, "one reclaim lock for node3");
+    assert_eq!(
+        reclaim_locks(&t.lab, "node3"),
+        1,
+        "one reclaim lock for node3"
+    );
     let cidrs = |v: &[(String, Vec<String>)]| {
         let mut all: Vec<String> = v.iter().flat_map(|(_, c)| c.clone()).collect();
         all.sort();
@@ -366,14 +378,7 @@ fn metrics_agree_with_wg_show_and_weftctl() {
 
     let text = netns::exec(&n1.netns, &["curl", "-sf", "http://127.0.0.1:6782/metrics"]).unwrap();
     let dump = netns::exec(&n1.netns, &["wg", "show", &wg, "dump"]).unwrap();
-    let status: weft_node_api::Status = weft_node_api::client::call(
-        &n1.node_api_socket,
-        "GET",
-        weft_node_api::PATH_STATUS,
-        None::<&()>,
-        Duration::from_secs(5),
-    )
-    .unwrap();
+    let status = status_of(&t.lab, 0);
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
         .unwrap_or_else(|e| panic!("unparsable metrics: {e}\n{text}"));
     let value = |name: &str, peer: Option<&str>| -> f64 {
@@ -425,34 +430,18 @@ fn metrics_agree_with_wg_show_and_weftctl() {
         );
     }
 
-    let weftctl = weft_tests::lab::bin_dir().unwrap().join("weftctl");
-    let out = std::process::Command::new(&weftctl)
-        .arg("--socket")
-        .arg(&n1.node_api_socket)
-        .args(["peers", "-o", "json"])
-        .output()
-        .unwrap();
+    let out = weftctl(&t.lab, 0, &["peers", "-o", "json"]);
     assert!(out.status.success(), "weftctl peers: {out:?}");
     let peers: Vec<weft_node_api::PeerInfo> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(peers.len(), 1, "{peers:?}");
     assert_eq!(peers[0].node, "node2");
     assert_eq!(peers[0].endpoint_kind, "internal");
     assert_eq!(peers[0].endpoint.as_deref(), Some("10.99.0.12:51820"));
-    let table = std::process::Command::new(&weftctl)
-        .arg("--socket")
-        .arg(&n1.node_api_socket)
-        .arg("peers")
-        .output()
-        .unwrap();
+    let table = weftctl(&t.lab, 0, &["peers"]);
     println!("{}", String::from_utf8_lossy(&table.stdout));
 
     // showconf: what `wg show` has, with node names; AllowedIPs as the device holds them.
-    let conf = std::process::Command::new(&weftctl)
-        .arg("--socket")
-        .arg(&n1.node_api_socket)
-        .arg("showconf")
-        .output()
-        .unwrap();
+    let conf = weftctl(&t.lab, 0, &["showconf"]);
     let conf = String::from_utf8_lossy(&conf.stdout).into_owned();
     println!("{conf}");
     assert_eq!(conf.matches("[Peer]").count(), 1, "{conf}");
@@ -477,16 +466,8 @@ fn rmpeer_refuses_a_live_node_and_reclaims_a_dead_one() {
     std::env::set_var("WEFT_HANDSHAKE_STALE", "4");
     let t = TestLab::up("wp", 3, 1, "dir");
     converge(&t.lab, "after up");
-    let weftctl = weft_tests::lab::bin_dir().unwrap().join("weftctl");
-    let socket = t.lab.nodes[0].node_api_socket.clone();
-    let rmpeer = |node: &str| {
-        std::process::Command::new(&weftctl)
-            .arg("--socket")
-            .arg(&socket)
-            .args(["rmpeer", node])
-            .output()
-            .unwrap()
-    };
+    let lab = t.lab.clone();
+    let rmpeer = |node: &str| weftctl(&lab, 0, &["rmpeer", node]);
     let out = rmpeer("node3");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
@@ -536,16 +517,7 @@ fn rmpeer_refuses_a_live_node_and_reclaims_a_dead_one() {
             "{c} not node1's: {after:?}"
         );
     }
-    let locks = std::fs::read_dir(t.lab.dir.join("peers"))
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with("reclaim-node3-")
-        })
-        .count();
-    assert_eq!(locks, 1);
+    assert_eq!(reclaim_locks(&t.lab, "node3"), 1);
 }
 
 /// `weftctl rotate-key` on node1 while node2's pod pings node1's pod every 50 ms: the new key is
@@ -556,7 +528,6 @@ fn key_rotation_keeps_the_ring_name_and_pauses_under_a_second() {
     let t = TestLab::up("wz", 3, 1, "dir");
     converge(&t.lab, "after up");
     let before = ring_peers(&t.lab, 1);
-    let weftctl = weft_tests::lab::bin_dir().unwrap().join("weftctl");
     let (n1, n2) = (t.lab.nodes[0].clone(), t.lab.nodes[1].clone());
     let (to, from_ns) = (n1.pods[0].ip.clone(), n2.pods[0].netns.clone());
     let pinger = std::thread::spawn(move || {
@@ -569,12 +540,7 @@ fn key_rotation_keeps_the_ring_name_and_pauses_under_a_second() {
         .unwrap_or_else(|e| format!("{e:#}"))
     });
     std::thread::sleep(Duration::from_millis(1000));
-    let out = std::process::Command::new(&weftctl)
-        .arg("--socket")
-        .arg(&n1.node_api_socket)
-        .args(["rotate-key", "--settle", "2", "-o", "json"])
-        .output()
-        .unwrap();
+    let out = weftctl(&t.lab, 0, &["rotate-key", "--settle", "2", "-o", "json"]);
     assert!(out.status.success(), "rotate-key: {out:?}");
     let r: weft_node_api::RotateKeyResult = serde_json::from_slice(&out.stdout).unwrap();
     let ping = pinger.join().unwrap();
@@ -618,14 +584,7 @@ fn key_rotation_keeps_the_ring_name_and_pauses_under_a_second() {
     // A restart: the new key, the same ring identity.
     t.lab.stop_router(0).unwrap();
     t.lab.start_router(0).unwrap();
-    let status: weft_node_api::Status = weft_node_api::client::call(
-        &t.lab.nodes[0].node_api_socket,
-        "GET",
-        weft_node_api::PATH_STATUS,
-        None::<&()>,
-        Duration::from_secs(5),
-    )
-    .unwrap();
+    let status = status_of(&t.lab, 0);
     assert_eq!(status.public_key, r.new_public_key);
     converge(&t.lab, "after a restart with the rotated key");
     assert_eq!(ring_peers(&t.lab, 1), before);

@@ -105,6 +105,31 @@ fn ask<T: serde::de::DeserializeOwned>(socket: &std::path::Path, path: &str) -> 
     }
 }
 
+/// Asks the router to do something; exit 1 when it refuses (with its reason), 2 when it does
+/// not answer.
+fn post<Q: serde::Serialize, T: serde::de::DeserializeOwned>(
+    socket: &std::path::Path,
+    path: &str,
+    req: &Q,
+    timeout: Duration,
+    what: &str,
+) -> T {
+    match client::call(socket, "POST", path, Some(req), timeout) {
+        Ok(r) => r,
+        Err(client::Error::Api { error, .. }) => {
+            eprintln!("weftctl {what}: refused: {}", error.error);
+            std::process::exit(1);
+        }
+        Err(e) => {
+            eprintln!(
+                "weftctl {what}: asking weft-router at {}: {e}",
+                socket.display()
+            );
+            std::process::exit(2);
+        }
+    }
+}
+
 fn print_as<T: serde::Serialize>(output: Output, v: &T) -> Result<bool> {
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(v)?),
@@ -353,26 +378,13 @@ fn main() -> Result<()> {
         }
         Cmd::Rmpeer { node } => {
             let req = weft_node_api::RmPeer { node: node.clone() };
-            let r: weft_node_api::RmPeerResult = match client::call(
+            let r: weft_node_api::RmPeerResult = post(
                 &cli.socket,
-                "POST",
                 weft_node_api::PATH_RMPEER,
-                Some(&req),
+                &req,
                 Duration::from_secs(30),
-            ) {
-                Ok(r) => r,
-                Err(client::Error::Api { error, .. }) => {
-                    eprintln!("weftctl rmpeer {node}: refused: {}", error.error);
-                    std::process::exit(1);
-                }
-                Err(e) => {
-                    eprintln!(
-                        "weftctl: asking weft-router at {} to remove {node}: {e}",
-                        cli.socket.display()
-                    );
-                    std::process::exit(2);
-                }
-            };
+                &format!("rmpeer {node}"),
+            );
             if !print_as(cli.output, &r)? {
                 for (who, cidrs) in &r.reclaimed {
                     println!("reclaimed {who}: {}", cidrs.join(", "));
@@ -390,26 +402,13 @@ fn main() -> Result<()> {
             let req = weft_node_api::RotateKey {
                 settle_secs: Some(settle),
             };
-            let r: weft_node_api::RotateKeyResult = match client::call(
+            let r: weft_node_api::RotateKeyResult = post(
                 &cli.socket,
-                "POST",
                 weft_node_api::PATH_ROTATE_KEY,
-                Some(&req),
+                &req,
                 Duration::from_secs(settle + 30),
-            ) {
-                Ok(r) => r,
-                Err(client::Error::Api { error, .. }) => {
-                    eprintln!("weftctl rotate-key: refused: {}", error.error);
-                    std::process::exit(1);
-                }
-                Err(e) => {
-                    eprintln!(
-                        "weftctl: asking weft-router at {} to rotate its key: {e}",
-                        cli.socket.display()
-                    );
-                    std::process::exit(2);
-                }
-            };
+                "rotate-key",
+            );
             if !print_as(cli.output, &r)? {
                 println!("old key   {}", r.old_public_key);
                 println!("new key   {}", r.new_public_key);
