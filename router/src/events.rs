@@ -22,6 +22,8 @@ pub struct Observed {
     pub refused_gossip: Option<String>,
     /// No free address left in the ranges this node owns (and it owns some).
     pub exhausted: bool,
+    /// What "stale" means here, in seconds (for the message).
+    pub stale_secs: u64,
 }
 
 /// One event to publish.
@@ -94,8 +96,9 @@ pub fn notices(before: Option<&Observed>, now: &Observed) -> Vec<Notice> {
                     true,
                     "HandshakeStale",
                     format!(
-                        "no WireGuard handshake with {peer} for more than 3 minutes: its pods \
-                         are unreachable from here; check UDP to its endpoint and its router"
+                        "no WireGuard handshake with {peer} for more than {}s: its pods are \
+                         unreachable from here; check UDP to its endpoint and its router",
+                        now.stale_secs
                     ),
                 ),
             ));
@@ -176,6 +179,7 @@ impl Staleness {
             peers,
             refused_gossip: status.refused_gossip.clone(),
             exhausted: status.ready && !status.owned.is_empty() && status.free == 0,
+            stale_secs: stale_after.as_secs(),
         }
     }
 }

@@ -112,9 +112,16 @@ pub fn run(dir: &std::path::Path, prefix: &str, opts: &Options) -> Result<Summar
             "chaos needs at least 4 nodes (one partitioned, one deleted, one amnesiac, one steady)"
         );
     }
-    // Routers inherit it from the lab: reclaim a node's ranges soon after it is gone.
-    std::env::set_var("WEFT_RECLAIM_GRACE", opts.grace.as_secs().to_string());
-    let lab = Lab::up_with(dir, prefix, opts.nodes, 0, "kube")?;
+    // Reclaim a node's ranges soon after it is gone.
+    let grace = opts.grace.as_secs().to_string();
+    let lab = Lab::up_with_env(
+        dir,
+        prefix,
+        opts.nodes,
+        0,
+        "kube",
+        &[("WEFT_RECLAIM_GRACE", &grace)],
+    )?;
     let mut run = Run {
         lab,
         rng: StdRng::seed_from_u64(opts.seed),

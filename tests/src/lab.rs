@@ -53,6 +53,9 @@ pub struct Lab {
     /// The lab API server's port (on the host's and every node's loopback), with `kube`.
     #[serde(default)]
     pub api_port: Option<u16>,
+    /// Extra environment for every router this lab starts (e.g. a short `WEFT_RECLAIM_GRACE`).
+    #[serde(default)]
+    pub router_env: std::collections::BTreeMap<String, String>,
 }
 
 fn dir_store() -> String {
@@ -122,6 +125,18 @@ impl Lab {
         pods_per_node: usize,
         store: &str,
     ) -> Result<Lab> {
+        Self::up_with_env(dir, prefix, nodes, pods_per_node, store, &[])
+    }
+
+    /// Like [`Lab::up_with`], every router started with `router_env` added to its environment.
+    pub fn up_with_env(
+        dir: &Path,
+        prefix: &str,
+        nodes: usize,
+        pods_per_node: usize,
+        store: &str,
+        router_env: &[(&str, &str)],
+    ) -> Result<Lab> {
         Self::down(dir, prefix)?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let (router, cni) = (binary("weft-router")?, binary("weft")?);
@@ -135,6 +150,10 @@ impl Lab {
             nodes: Vec::new(),
             store: store.into(),
             api_port: None,
+            router_env: router_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         if store == "kube" {
             lab.api_port = Some(lab.start_kube()?);
@@ -298,6 +317,7 @@ impl Lab {
                     .join("kube")
                     .join(format!("{}.kubeconfig", node.name)),
             )
+            .envs(&self.router_env)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1");
         // Appending keeps the logs of earlier runs (restarts) for post-mortems.

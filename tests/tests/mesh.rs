@@ -16,9 +16,20 @@ struct TestLab {
 impl TestLab {
     /// A fresh lab `<tag><pid>` (unique per test: the tests of this file run in parallel).
     fn up(tag: &str, nodes: usize, pods: usize, store: &str) -> TestLab {
+        Self::up_with_env(tag, nodes, pods, store, &[])
+    }
+
+    /// A lab whose routers get `env` (the tests run in parallel: no process-wide variables).
+    fn up_with_env(
+        tag: &str,
+        nodes: usize,
+        pods: usize,
+        store: &str,
+        env: &[(&str, &str)],
+    ) -> TestLab {
         let prefix = format!("{tag}{}", std::process::id() % 100_000);
         let dir = std::env::temp_dir().join(format!("weft-test-{prefix}"));
-        let lab = Lab::up_with(&dir, &prefix, nodes, pods, store).unwrap_or_else(|e| {
+        let lab = Lab::up_with_env(&dir, &prefix, nodes, pods, store, env).unwrap_or_else(|e| {
             let _ = Lab::down(&dir, &prefix);
             panic!("lab up: {e:#}")
         });
@@ -258,9 +269,8 @@ fn wait_reclaimed(lab: &Lab, live: &[usize], gone: &str) -> Vec<(String, Vec<Str
 /// its old identity's ranges are reclaimed the same way.
 #[test]
 fn dead_and_amnesiac_nodes_are_reclaimed() {
-    // Routers the lab starts inherit it: a short grace period for the test.
-    std::env::set_var("WEFT_RECLAIM_GRACE", "2");
-    let t = TestLab::up("wr", 3, 1, "dir");
+    // A short grace period for the test.
+    let t = TestLab::up_with_env("wr", 3, 1, "dir", &[("WEFT_RECLAIM_GRACE", "2")]);
     converge(&t.lab, "after up");
     let before = ring_peers(&t.lab, 0);
     assert_eq!(before.len(), 3, "{before:?}");
@@ -462,9 +472,8 @@ fn metrics_agree_with_wg_show_and_weftctl() {
 /// the same reclaim lock as automatic reclaims, and gossip tells the others.
 #[test]
 fn rmpeer_refuses_a_live_node_and_reclaims_a_dead_one() {
-    // Routers started by this process count a peer silent after 4 s (default 180 s).
-    std::env::set_var("WEFT_HANDSHAKE_STALE", "4");
-    let t = TestLab::up("wp", 3, 1, "dir");
+    // A peer counts as silent after 4 s (default 180 s).
+    let t = TestLab::up_with_env("wp", 3, 1, "dir", &[("WEFT_HANDSHAKE_STALE", "4")]);
     converge(&t.lab, "after up");
     let lab = t.lab.clone();
     let rmpeer = |node: &str| weftctl(&lab, 0, &["rmpeer", node]);
