@@ -178,11 +178,11 @@ fn bool_f(b: bool) -> f64 {
     }
 }
 
-fn cidr_size(c: &str) -> f64 {
+fn cidr_size(c: &str) -> u64 {
     c.split_once('/')
         .and_then(|(_, p)| p.parse::<u32>().ok())
         .filter(|p| *p <= 32)
-        .map_or(0.0, |p| 2f64.powi(32 - p as i32))
+        .map_or(0, |p| 1u64 << (32 - p))
 }
 
 impl Collector for Current {
@@ -213,7 +213,8 @@ impl Collector for Current {
                 bool_f(s.refused_gossip.is_none() && s.unsent_gossip.is_none()),
             )],
         )?;
-        let owned: f64 = s.owned.iter().map(|c| cidr_size(c)).sum();
+        // Integer sums: an empty f64 sum is -0.0, which would print as such.
+        let owned = s.owned.iter().map(|c| cidr_size(c)).sum::<u64>() as f64;
         gauge(
             &mut e,
             "ipam_owned_addresses",
@@ -241,14 +242,14 @@ impl Collector for Current {
         // Ranges of ring peers this node has no WireGuard peer for: their pods are unreachable.
         let meshed: std::collections::BTreeSet<&str> =
             now.peers.iter().map(|p| p.ring_name.as_str()).collect();
-        let unreachable: f64 = s
+        let unreachable = s
             .ring_peers
             .iter()
             .filter(|p| p.name.split('/').next() != Some(s.node.as_str()))
             .filter(|p| !meshed.contains(p.name.as_str()))
             .flat_map(|p| p.cidrs.iter())
             .map(|c| cidr_size(c))
-            .sum();
+            .sum::<u64>() as f64;
         gauge(
             &mut e,
             "ipam_unreachable_addresses",
@@ -378,6 +379,7 @@ mod tests {
             "weft_backend_info{backend=\"userspace\"} 1",
             "weft_ipam_owned_addresses 327680",
             "weft_ipam_unreachable_addresses 262144",
+            "weft_ring_consistent 1",
             "weft_peer_last_handshake_seconds{peer=\"node2\"} 12",
             "weft_peer_receive_bytes_total{peer=\"node2\"} 100",
             "weft_ring_gossip_refused_total 1",
@@ -413,6 +415,7 @@ mod tests {
             tx_bytes: 0,
         };
         let text = m.render(status, vec![peer]);
+        assert!(!text.contains(" -0"), "a negative zero:\n{text}");
         let served: std::collections::BTreeSet<&str> = text
             .lines()
             .filter(|l| !l.starts_with('#'))
