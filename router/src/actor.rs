@@ -278,16 +278,13 @@ impl Actor {
         let Some(mesh) = &self.mesh else {
             return Vec::new();
         };
-        let live: std::collections::BTreeMap<String, (crate::wg::PeerState, crate::plan::WgPeer)> =
-            match (mesh.device.peer_states(), mesh.device.peers()) {
-                (Ok(states), Ok(peers)) => states
+        let live: std::collections::BTreeMap<String, crate::wg::PeerState> =
+            match mesh.device.peer_states() {
+                Ok(states) => states
                     .into_iter()
-                    .filter_map(|s| {
-                        let p = peers.iter().find(|p| p.public_key == s.public_key)?.clone();
-                        Some((s.public_key.clone(), (s, p)))
-                    })
+                    .map(|s| (s.peer.public_key.clone(), s))
                     .collect(),
-                (Err(e), _) | (_, Err(e)) => {
+                Err(e) => {
                     warn!("reading the WireGuard device for peer state: {e}");
                     Default::default()
                 }
@@ -298,10 +295,8 @@ impl Actor {
             .filter(|n| n.name != mesh.me.name)
             .map(|n| {
                 let ring_name = n.ring_name();
-                let (state, wg) = match live.get(&n.spec.public_key) {
-                    Some((s, p)) => (Some(s), Some(p)),
-                    None => (None, None),
-                };
+                let state = live.get(&n.spec.public_key);
+                let wg = state.map(|s| &s.peer);
                 let endpoint = wg.and_then(|p| p.endpoint);
                 let endpoint_kind = match endpoint {
                     None => "none".to_string(),

@@ -43,7 +43,8 @@ enum Api {
 /// The live state of one peer, for status and the "recent handshake" check.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PeerState {
-    pub public_key: String,
+    /// As configured (endpoint: the one in use, maybe learned by roaming).
+    pub peer: WgPeer,
     pub last_handshake: Option<SystemTime>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
@@ -271,44 +272,37 @@ impl Device {
 
     /// The peers as the device has them, in the plan's terms (for [`crate::plan::diff`]).
     pub fn peers(&self) -> Result<Vec<WgPeer>> {
+        Ok(self.peer_states()?.into_iter().map(|s| s.peer).collect())
+    }
+
+    /// The peers with their handshake and transfer counters, sorted by key (one read).
+    pub fn peer_states(&self) -> Result<Vec<PeerState>> {
         let host = self
             .ops()
             .read_interface_data()
             .map_err(wg_err(format!("reading {}", self.name)))?;
-        let mut out: Vec<WgPeer> = host
+        let mut out: Vec<PeerState> = host
             .peers
             .values()
             .map(|p| {
                 let mut allowed: Vec<String> =
                     p.allowed_ips.iter().map(|a| a.to_string()).collect();
                 allowed.sort();
-                WgPeer {
-                    public_key: p.public_key.to_string(),
-                    endpoint: p.endpoint,
-                    allowed_ips: allowed,
-                    keepalive: p.persistent_keepalive_interval.filter(|k| *k > 0),
+                PeerState {
+                    peer: WgPeer {
+                        public_key: p.public_key.to_string(),
+                        endpoint: p.endpoint,
+                        allowed_ips: allowed,
+                        keepalive: p.persistent_keepalive_interval.filter(|k| *k > 0),
+                    },
+                    last_handshake: p.last_handshake,
+                    rx_bytes: p.rx_bytes,
+                    tx_bytes: p.tx_bytes,
                 }
             })
             .collect();
-        out.sort_by(|a, b| a.public_key.cmp(&b.public_key));
+        out.sort_by(|a, b| a.peer.public_key.cmp(&b.peer.public_key));
         Ok(out)
-    }
-
-    pub fn peer_states(&self) -> Result<Vec<PeerState>> {
-        let host = self
-            .ops()
-            .read_interface_data()
-            .map_err(wg_err(format!("reading {}", self.name)))?;
-        Ok(host
-            .peers
-            .values()
-            .map(|p| PeerState {
-                public_key: p.public_key.to_string(),
-                last_handshake: p.last_handshake,
-                rx_bytes: p.rx_bytes,
-                tx_bytes: p.tx_bytes,
-            })
-            .collect())
     }
 
     /// Applies `changes` peer by peer; the interface itself is never recreated. Routes for the
