@@ -42,7 +42,15 @@ pub struct Mesh {
     socket: Arc<UdpSocket>,
     /// The endpoint set for each peer at the last reconcile (see [`plan::diff`]).
     applied: plan::Applied,
+    /// The device's peers as last read in full plus every change applied since, and when that
+    /// read was: what a reconcile compares with, so one peer's change costs one peer's device
+    /// work instead of a read of every peer. Read again after [`RESYNC`] (a peer removed by
+    /// hand, an endpoint learned by roaming) and after any failed apply.
+    model: Option<(BTreeMap<String, plan::WgPeer>, std::time::Instant)>,
 }
+
+/// How long the device model is trusted before the device is read in full again.
+const RESYNC: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl std::fmt::Debug for Mesh {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -114,6 +122,7 @@ impl Mesh {
             peers: BTreeMap::new(),
             socket,
             applied: plan::Applied::new(),
+            model: None,
         })
     }
 
@@ -121,15 +130,40 @@ impl Mesh {
     /// all back as the plan has them.
     pub fn rekeyed(&mut self) {
         self.applied.clear();
+        self.model = None;
     }
 
     /// Makes the device's peers match the plan for `ring`.
     pub fn reconcile(&mut self, ring: &Ring) -> Result<()> {
         let others: Vec<Node> = self.peers.values().cloned().collect();
         let want = plan::desired(&self.me, &others, ring);
-        let changes = plan::diff(&want, &self.device.peers()?, &self.applied);
+        let live: Vec<plan::WgPeer> = match &self.model {
+            Some((model, at)) if at.elapsed() < RESYNC => model.values().cloned().collect(),
+            _ => {
+                let live = self.device.peers()?;
+                let model = live.iter().map(|p| (p.public_key.clone(), p.clone()));
+                self.model = Some((model.collect(), std::time::Instant::now()));
+                live
+            }
+        };
+        let changes = plan::diff(&want, &live, &self.applied);
         if !changes.is_empty() {
-            self.device.apply(&changes)?;
+            if let Err(e) = self.device.apply(&changes) {
+                self.model = None;
+                return Err(e);
+            }
+            if let Some((model, _)) = &mut self.model {
+                for c in &changes {
+                    match c {
+                        plan::Change::Add(p) | plan::Change::Update(p) => {
+                            model.insert(p.public_key.clone(), p.clone());
+                        }
+                        plan::Change::Remove(k) => {
+                            model.remove(k);
+                        }
+                    }
+                }
+            }
         }
         // What we set is what the next diff compares with (not a roamed endpoint).
         self.applied = want.iter().map(|(k, w)| (k.clone(), w.endpoint)).collect();
