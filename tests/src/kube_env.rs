@@ -468,24 +468,17 @@ impl KubeEnv {
             "--clusterrole=weft-router",
             &group,
         ])?;
-        run(&[
-            "create",
-            "rolebinding",
-            "-n",
-            "weft",
-            "weft-lab-routers",
-            "--role=weft-router",
-            &group,
-        ])?;
-        run(&[
-            "create",
-            "rolebinding",
-            "-n",
-            "default",
-            "weft-lab-routers-events",
-            "--role=weft-router-events",
-            &group,
-        ])?;
+        // deploy/rbac.yaml's Roles: the seed Lease in weft's namespace, Events in default.
+        for (ns, binding, role) in [
+            ("weft", "weft-lab-routers", "--role=weft-router"),
+            (
+                "default",
+                "weft-lab-routers-events",
+                "--role=weft-router-events",
+            ),
+        ] {
+            run(&["create", "rolebinding", "-n", ns, binding, role, &group])?;
+        }
         run(&[
             "wait",
             "--for=condition=Established",
