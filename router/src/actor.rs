@@ -62,6 +62,8 @@ enum Request {
     /// The WireGuard peers as `weftctl peers` and the metrics show them.
     MeshState(Reply<Vec<weft_node_api::PeerInfo>>),
     RmPeer(String, Reply<weft_node_api::RmPeerResult>),
+    /// The wg-quick configuration the mesh wants the named node or host to have.
+    ShowConf(weft_node_api::ShowConf, Reply<String>),
     /// Key rotation, first half: the next key published. Returns it.
     RotatePrepare(Reply<String>),
     /// Second half: switched to the next key.
@@ -273,6 +275,27 @@ impl Actor {
         Health { ready, reason }
     }
 
+    fn showconf(&self, r: &weft_node_api::ShowConf) -> Result<String, Failure> {
+        let name = r.name.as_str();
+        let Some(mesh) = &self.mesh else {
+            return Err(Failure::refused(400, "this router has no mesh".into()));
+        };
+        let mut nodes: Vec<plan::Node> = mesh.peers.values().cloned().collect();
+        nodes.push(mesh.me.clone());
+        let subject = nodes.iter().find(|n| n.name == name).ok_or_else(|| {
+            Failure::refused(
+                404,
+                format!("no MeshPeer {name} (weftctl peers lists the nodes; weftctl peer add registers a host)"),
+            )
+        })?;
+        Ok(crate::showconf::render(
+            subject,
+            &nodes,
+            self.node.ring(),
+            r.key_file.as_deref(),
+        ))
+    }
+
     /// Every WireGuard peer with its node, ring ranges and live state from the device.
     fn mesh_peers(&self) -> Vec<weft_node_api::PeerInfo> {
         let Some(mesh) = &self.mesh else {
@@ -290,10 +313,16 @@ impl Actor {
                 }
             };
         let ring = self.node.ring();
+        let nodes: Vec<plan::Node> = mesh.peers.values().cloned().collect();
         mesh.peers
             .values()
             .filter(|n| n.name != mesh.me.name)
             .map(|n| {
+                let path = match plan::path(&mesh.me, n, &nodes) {
+                    plan::Path::Direct => "direct".to_string(),
+                    plan::Path::Relayed(r) => format!("via {r}"),
+                    plan::Path::Unreachable => "unreachable".to_string(),
+                };
                 let ring_name = n.ring_name();
                 let state = live.get(&n.spec.public_key);
                 let wg = state.map(|s| &s.peer);
@@ -327,6 +356,7 @@ impl Actor {
                     }),
                     rx_bytes: state.map_or(0, |s| s.rx_bytes),
                     tx_bytes: state.map_or(0, |s| s.tx_bytes),
+                    path,
                 }
             })
             .collect()
@@ -458,6 +488,23 @@ impl Actor {
             }
             self.metrics.reconciled(t0.elapsed());
         }
+        self.route_hosts().await;
+    }
+
+    /// Routes the addresses of the hosts outside Kubernetes (MeshPeers with `allowedIPs`) into
+    /// WireGuard.
+    async fn route_hosts(&mut self) {
+        let (Some(net), Some(mesh)) = (&mut self.net, &self.mesh) else {
+            return;
+        };
+        let cidrs = mesh
+            .peers
+            .values()
+            .flat_map(|n| plan::host_cidrs(n, self.cfg.universe))
+            .collect();
+        if let Err(e) = net.sync_host_routes(&self.cfg.wg_interface, cidrs).await {
+            warn!("routing hosts outside Kubernetes: {e}");
+        }
     }
 
     async fn send_all(&mut self, out: Vec<ipam::Outgoing>) {
@@ -557,14 +604,14 @@ impl Actor {
         let names = self
             .mesh
             .as_ref()
-            .map(|m| m.peers.keys().cloned().collect())
+            .map(|m| m.gossip_peers())
             .unwrap_or_default();
         self.ring_to(names)
     }
 
     async fn tick(&mut self) {
         let Some(mesh) = &self.mesh else { return };
-        let names: Vec<ipam::PeerName> = mesh.peers.keys().cloned().collect();
+        let names = mesh.gossip_peers();
         let targets =
             rand::seq::SliceRandom::choose_multiple(names.as_slice(), &mut rand::thread_rng(), 3)
                 .cloned()
@@ -833,10 +880,9 @@ impl Actor {
             .map(|n| (n.ring_name(), n))
             .collect();
         let new: Vec<ipam::PeerName> = mesh
-            .peers
-            .keys()
-            .filter(|n| !known.contains(*n))
-            .cloned()
+            .gossip_peers()
+            .into_iter()
+            .filter(|n| !known.contains(n))
             .collect();
         if let Ok(mut index) = self.index.write() {
             *index = mesh
@@ -848,6 +894,7 @@ impl Actor {
         if let Err(e) = mesh.reconcile(self.node.ring()) {
             warn!("reconciling WireGuard peers: {e}");
         }
+        self.route_hosts().await;
         // A node that just appeared gets our ring now rather than at a random later tick.
         if self.node.ring().is_seeded() {
             let out = self.ring_to(new);
@@ -873,6 +920,7 @@ impl Actor {
                 }
                 Request::Status(tx) => drop(tx.send(Ok(self.status()))),
                 Request::MeshState(tx) => drop(tx.send(Ok(self.mesh_peers()))),
+                Request::ShowConf(r, tx) => drop(tx.send(self.showconf(&r))),
                 Request::RotatePrepare(tx) => {
                     let r = self.rotate_prepare().await;
                     drop(tx.send(r));
@@ -1006,6 +1054,10 @@ impl Handle {
 
     pub async fn rmpeer(&self, node: String) -> Result<weft_node_api::RmPeerResult, Failure> {
         self.ask(|tx| Request::RmPeer(node, tx)).await
+    }
+
+    pub async fn showconf(&self, r: weft_node_api::ShowConf) -> Result<String, Failure> {
+        self.ask(|tx| Request::ShowConf(r, tx)).await
     }
 
     pub async fn mesh_peers(&self) -> Result<Vec<weft_node_api::PeerInfo>, Failure> {

@@ -167,6 +167,7 @@ impl Staleness {
             .map(|p| {
                 let seen = *self.first_seen.entry(p.node.clone()).or_insert(now);
                 let stale = match p.last_handshake_secs {
+                    _ if p.path != "direct" => false,
                     Some(s) => Duration::from_secs(s) > stale_after,
                     None => now.duration_since(seen) > stale_after,
                 };

@@ -56,6 +56,16 @@ impl KubeStore {
         }
     }
 
+    /// What this node's Node object says about its endpoints and location.
+    pub async fn node_facts(&self, name: &str) -> Result<crate::placement::NodeFacts> {
+        let node = self
+            .nodes
+            .get(name)
+            .await
+            .map_err(kube_err(format!("reading Node {name}")))?;
+        Ok((&node).into())
+    }
+
     /// A reflector over all MeshPeers; sends a new snapshot whenever the set changes.
     pub fn watch(&self) -> watch::Receiver<Vec<Node>> {
         let (tx, rx) = watch::channel(Vec::new());
@@ -125,6 +135,8 @@ impl PeerStore for KubeStore {
         // Owned by its Node: deleting the Node deletes the MeshPeer (garbage collector), the
         // other routers drop the WireGuard peer, and its ring ranges become orphans to reclaim.
         match self.nodes.get_opt(name).await {
+            // A host outside Kubernetes has no Node: it stays until `weftctl peer rm`.
+            _ if spec.allowed_ips.is_some() => {}
             Ok(Some(node)) => {
                 use kube::Resource;
                 obj.metadata.owner_references = node.controller_owner_ref(&()).map(|mut o| {

@@ -15,12 +15,14 @@ pub mod metrics;
 pub mod net;
 pub mod overlap;
 pub mod peers;
+pub mod placement;
 pub mod plan;
 pub mod reclaim;
 pub mod reset;
 pub mod rotate;
 pub mod seed;
 pub mod server;
+pub mod showconf;
 pub mod store;
 pub mod wg;
 

@@ -126,6 +126,17 @@ impl Mesh {
         })
     }
 
+    /// The peers ring gossip goes to: nodes (not hosts) with a direct WireGuard session — a mesh
+    /// address is never relayed, so gossip to a relayed node could not arrive.
+    pub fn gossip_peers(&self) -> Vec<PeerName> {
+        let nodes: Vec<Node> = self.peers.values().cloned().collect();
+        self.peers
+            .iter()
+            .filter(|(_, n)| !n.is_host() && plan::path(&self.me, n, &nodes) == plan::Path::Direct)
+            .map(|(r, _)| r.clone())
+            .collect()
+    }
+
     /// After the interface switched keys (it dropped every peer): the next reconcile adds them
     /// all back as the plan has them.
     pub fn rekeyed(&mut self) {

@@ -50,6 +50,18 @@ pub struct MeshPeerSpec {
     /// until it becomes `publicKey`, so the switch costs only the time for routers to see it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_public_key: Option<String>,
+    /// The MTU of the node's own underlay link: peers keep their tunnel to it below that, so a
+    /// site with a smaller MTU is not blackholed by full-size packets from elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// Only for a host outside Kubernetes (`weftctl peer add`): the addresses it owns (CIDRs),
+    /// routed to it by every node. Such a peer has no ring identity and takes no part in gossip.
+    #[serde(
+        default,
+        rename = "allowedIPs",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub allowed_ips: Option<Vec<String>>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

@@ -372,6 +372,7 @@ mod tests {
             last_handshake_secs: Some(12),
             rx_bytes: 100,
             tx_bytes: 200,
+            path: "direct".into(),
         }];
         let text = m.render(status, peers);
         for want in [
@@ -413,6 +414,7 @@ mod tests {
             last_handshake_secs: None,
             rx_bytes: 0,
             tx_bytes: 0,
+            path: "direct".into(),
         };
         let text = m.render(status, vec![peer]);
         assert!(!text.contains(" -0"), "a negative zero:\n{text}");

@@ -24,6 +24,10 @@ use crate::{Error, Result};
 /// node's own ranges, which have the default metric 0.
 const UNIVERSE_METRIC: u32 = 1000;
 
+/// Metric of the routes to hosts outside Kubernetes into WireGuard: it tells them from the
+/// universe route.
+const HOST_METRIC: u32 = 1001;
+
 /// Routes weft installs carry this protocol number, so it can find (and remove) its own.
 pub const ROUTE_PROTOCOL: u8 = 0x57; // 'W'
 
@@ -34,6 +38,8 @@ pub struct Net {
     bridge: String,
     bridge_index: u32,
     gateway: Ipv4Addr,
+    /// The hosts' addresses last routed into WireGuard (`None`: not yet looked at).
+    host_routes: Option<BTreeSet<Cidr>>,
 }
 
 fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
@@ -113,7 +119,7 @@ impl Net {
             reason: e.to_string(),
         })?;
         if cfg.snat {
-            snat(cfg.universe)?;
+            snat(cfg.universe, &cfg.wg_interface)?;
         }
         let mut net = Net {
             handle,
@@ -121,6 +127,7 @@ impl Net {
             bridge,
             bridge_index: index,
             gateway,
+            host_routes: None,
         };
         net.sync_routes(owned).await?;
         // Now that the node has an address in the universe, its own processes (kubelet probes,
@@ -186,6 +193,75 @@ impl Net {
                 .map_err(nl(format!("adding route {c} dev {}", self.bridge)))?;
             info!(route = %c, bridge = %self.bridge, "added route");
         }
+        Ok(())
+    }
+
+    /// Routes exactly `cidrs` (the addresses of hosts outside Kubernetes that are MeshPeers)
+    /// into the WireGuard interface `wg`, so pods' traffic to them goes through the tunnel.
+    pub async fn sync_host_routes(&mut self, wg: &str, cidrs: BTreeSet<Cidr>) -> Result<()> {
+        if self.host_routes.as_ref() == Some(&cidrs) {
+            return Ok(());
+        }
+        let index = link_by_name(&self.handle, wg)
+            .await?
+            .ok_or_else(|| Error::Net {
+                what: format!("routing hosts to {wg}"),
+                reason: "no such interface".into(),
+            })?
+            .header
+            .index;
+        let mut routes = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        let mut have = Vec::new();
+        while let Some(r) = routes.try_next().await.map_err(nl("listing routes"))? {
+            let ours = r.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)
+                && r.attributes
+                    .iter()
+                    .any(|a| matches!(a, RouteAttribute::Priority(HOST_METRIC)))
+                && r.attributes
+                    .iter()
+                    .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index));
+            let dst = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(d)) => Some(*d),
+                _ => None,
+            });
+            if let (true, Some(dst)) = (ours, dst) {
+                if let Ok(c) = Cidr::new(dst, r.header.destination_prefix_length) {
+                    have.push((c, r));
+                }
+            }
+        }
+        for (c, r) in have.iter().filter(|(c, _)| !cidrs.contains(c)) {
+            self.handle
+                .route()
+                .del(r.clone())
+                .execute()
+                .await
+                .map_err(nl(format!("removing host route {c} dev {wg}")))?;
+            info!(route = %c, %wg, "removed the route to a host that is no MeshPeer any more");
+        }
+        for c in cidrs.iter().filter(|c| !have.iter().any(|(h, _)| h == *c)) {
+            let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(c.addr(), c.prefix())
+                .output_interface(index)
+                .priority(HOST_METRIC)
+                .scope(RouteScope::Link)
+                .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+                .pref_source(self.gateway)
+                .build();
+            self.handle
+                .route()
+                .add(route)
+                .replace()
+                .execute()
+                .await
+                .map_err(nl(format!("routing host {c} to {wg}")))?;
+            info!(route = %c, %wg, "routed a host outside Kubernetes into WireGuard");
+        }
+        self.host_routes = Some(cidrs);
         Ok(())
     }
 
@@ -273,14 +349,15 @@ pub async fn mesh_routes_once(wg: &str, universe: Cidr) -> Result<()> {
     r
 }
 
-/// Masquerade pod traffic leaving the universe, in a table of weft's own (replaced whole, so
+/// Masquerade pod traffic leaving the universe — but not through WireGuard: hosts outside
+/// Kubernetes that are MeshPeers see pods' own addresses — in a table of weft's own (replaced whole, so
 /// a universe change never leaves a stale rule).
-fn snat(universe: Cidr) -> Result<()> {
+fn snat(universe: Cidr, wg: &str) -> Result<()> {
     use std::io::Write;
     let script = format!(
         "table ip weft {{}}\ndelete table ip weft\ntable ip weft {{\n  chain postrouting {{\n    \
          type nat hook postrouting priority srcnat; policy accept;\n    \
-         ip saddr {universe} ip daddr != {universe} masquerade\n  }}\n}}\n"
+         ip saddr {universe} ip daddr != {universe} oifname != \"{wg}\" masquerade\n  }}\n}}\n"
     );
     let fail = |reason: String| Error::Net {
         what: format!("installing SNAT for {universe} (nft)"),

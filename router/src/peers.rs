@@ -43,6 +43,20 @@ impl Store {
         }
     }
 
+    pub async fn snapshot(&self) -> Result<Vec<Node>> {
+        match self {
+            Store::Dir(s) => s.snapshot().await,
+            Store::Kube(s) => s.snapshot().await,
+        }
+    }
+
+    pub async fn remove(&self, name: &str) -> Result<()> {
+        match self {
+            Store::Dir(s) => s.remove(name).await,
+            Store::Kube(s) => s.remove(name).await,
+        }
+    }
+
     /// Snapshots of every node's spec, a new one whenever one changes.
     pub fn watch(&self) -> watch::Receiver<Vec<Node>> {
         match self {
@@ -170,6 +184,8 @@ mod tests {
             persistent_keepalive: None,
             ring_name: None,
             next_public_key: None,
+            mtu: None,
+            allowed_ips: None,
         }
     }
 

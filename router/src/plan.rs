@@ -53,66 +53,167 @@ pub enum Change {
     Remove(String),
 }
 
+impl Node {
+    /// A host outside Kubernetes (`weftctl peer add`): it owns the addresses it lists, not ring
+    /// ranges, and it neither gossips nor relays.
+    pub fn is_host(&self) -> bool {
+        self.spec.allowed_ips.is_some()
+    }
+}
+
 /// Which of `peer`'s endpoints `me` should use: one an administrator forced; else, in the same
-/// location, an internal one; else an external one; else whatever it published first.
+/// location (or where either location is unknown), an internal one; else an external one. With
+/// both locations known and different, an internal address is never tried: it belongs to
+/// another network, where it may even be someone else's. `None`: `me` cannot reach `peer` and
+/// waits for `peer` to reach it (a node behind NAT).
 pub fn endpoint(me: &MeshPeerSpec, peer: &MeshPeerSpec) -> Option<SocketAddr> {
-    let of = |kind: EndpointKind| peer.endpoints.iter().find(|e| e.kind == kind);
-    let same_location = me.location.is_some() && me.location == peer.location;
+    let of = |kind: EndpointKind| {
+        peer.endpoints
+            .iter()
+            .filter(|e| e.kind == kind)
+            .find_map(|e| e.address.parse().ok())
+    };
+    let elsewhere = matches!((&me.location, &peer.location), (Some(a), Some(b)) if a != b);
     of(EndpointKind::Forced)
         .or_else(|| {
-            if same_location {
-                of(EndpointKind::Internal)
-            } else {
+            if elsewhere {
                 None
+            } else {
+                of(EndpointKind::Internal)
             }
         })
         .or_else(|| of(EndpointKind::External))
-        .or_else(|| peer.endpoints.first())
-        .and_then(|e| e.address.parse().ok())
 }
 
-/// The WireGuard peers `me` wants: every other node with a valid key, allowed its mesh address
-/// and the CIDRs it owns in `ring`; and for a node rotating its key, the next key too, allowed
-/// nothing yet (its handshakes are accepted, so the switch is quick).
+/// Whether `a` and `b` can hold a WireGuard session: at least one knows where the other listens
+/// (the other learns the first's address from its handshakes, through any NAT).
+pub fn connected(a: &MeshPeerSpec, b: &MeshPeerSpec) -> bool {
+    endpoint(a, b).is_some() || endpoint(b, a).is_some()
+}
+
+/// The node that carries the traffic of two nodes that cannot reach each other (both behind
+/// NAT, in different locations): of the nodes connected to both, the first by name. `a` and
+/// `b` compute the same one from the same MeshPeers, so each sends the other's ranges to it.
+pub fn relay<'n>(a: &Node, b: &Node, nodes: &'n [Node]) -> Option<&'n Node> {
+    if connected(&a.spec, &b.spec) {
+        return None;
+    }
+    nodes
+        .iter()
+        .filter(|r| r.name != a.name && r.name != b.name && !r.is_host())
+        .filter(|r| connected(&a.spec, &r.spec) && connected(&b.spec, &r.spec))
+        .min_by(|x, y| x.name.cmp(&y.name))
+}
+
+/// How `me` reaches each other node: directly, through a relay, or not at all.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Path {
+    Direct,
+    Relayed(String),
+    Unreachable,
+}
+
+/// The path from `me` to `peer` among `nodes` (see [`relay`]).
+pub fn path(me: &Node, peer: &Node, nodes: &[Node]) -> Path {
+    if connected(&me.spec, &peer.spec) {
+        Path::Direct
+    } else {
+        relay(me, peer, nodes).map_or(Path::Unreachable, |r| Path::Relayed(r.name.clone()))
+    }
+}
+
+/// A host's addresses, less any that reach into the pod universe: those are the ring's to give,
+/// and WireGuard would move them from their owner to the host (a MeshPeer could hijack pods).
+pub fn host_cidrs(n: &Node, universe: ipam::Cidr) -> Vec<ipam::Cidr> {
+    let u = universe.range();
+    n.spec
+        .allowed_ips
+        .iter()
+        .flatten()
+        .filter_map(|c| c.parse::<ipam::Cidr>().ok())
+        .filter(|c| {
+            let r = c.range();
+            r.end <= u.start || r.start >= u.end
+        })
+        .collect()
+}
+
+/// The addresses a peer owns: a host's listed CIDRs, a node's ring ranges.
+fn owned(n: &Node, ring: &Ring) -> Vec<String> {
+    match &n.spec.allowed_ips {
+        Some(_) => host_cidrs(n, ring.universe())
+            .iter()
+            .map(|c| c.to_string())
+            .collect(),
+        None => ring
+            .owned_cidrs(&n.ring_name())
+            .iter()
+            .map(|c| c.to_string())
+            .collect(),
+    }
+}
+
+/// The WireGuard peers `me` wants: every other node it is connected to (see [`connected`]),
+/// allowed its mesh address and the addresses it owns — plus the ranges of the nodes it reaches
+/// only through that node as their relay; and for a node rotating its key, the next key too,
+/// allowed nothing yet (its handshakes are accepted, so the switch is quick). Keepalives go out
+/// from a node behind NAT (`me` publishes one), which keeps its mapping open.
 pub fn desired(me: &Node, others: &[Node], ring: &Ring) -> BTreeMap<String, WgPeer> {
-    let mut out: BTreeMap<String, WgPeer> = others
+    let keepalive = me.spec.persistent_keepalive;
+    let peers: Vec<&Node> = others
         .iter()
         .filter(|n| n.name != me.name && n.spec.public_key != me.spec.public_key)
+        .collect();
+    let mut out: BTreeMap<String, WgPeer> = peers
+        .iter()
+        .filter(|n| connected(&me.spec, &n.spec))
         .filter_map(|n| {
             let next = n.spec.next_public_key.as_ref()?;
             (next != &n.spec.public_key).then(|| WgPeer {
                 public_key: next.clone(),
                 endpoint: endpoint(&me.spec, &n.spec),
                 allowed_ips: Vec::new(),
-                keepalive: n.spec.persistent_keepalive.or(me.spec.persistent_keepalive),
+                keepalive,
             })
         })
         .map(|p| (p.public_key.clone(), p))
         .collect();
-    out.extend(
-        others
-            .iter()
-            .filter(|n| n.name != me.name && n.spec.public_key != me.spec.public_key)
-            .map(|n| {
-                let mut allowed: Vec<String> = ring
-                    .owned_cidrs(&n.ring_name())
-                    .iter()
-                    .map(|c| c.to_string())
-                    .collect();
+    let mut relayed: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for n in &peers {
+        match path(me, n, others) {
+            Path::Direct => {
+                let mut allowed = owned(n, ring);
                 if let Ok(addr) = n.spec.mesh_address.parse::<Ipv6Addr>() {
                     allowed.push(format!("{addr}/128"));
                 }
-                allowed.sort();
-                let keepalive = n.spec.persistent_keepalive.or(me.spec.persistent_keepalive);
-                let peer = WgPeer {
-                    public_key: n.spec.public_key.clone(),
-                    endpoint: endpoint(&me.spec, &n.spec),
-                    allowed_ips: allowed,
-                    keepalive,
-                };
-                (peer.public_key.clone(), peer)
-            }),
-    );
+                out.insert(
+                    n.spec.public_key.clone(),
+                    WgPeer {
+                        public_key: n.spec.public_key.clone(),
+                        endpoint: endpoint(&me.spec, &n.spec),
+                        allowed_ips: allowed,
+                        keepalive,
+                    },
+                );
+            }
+            // Only the ranges: its mesh address (gossip) is never relayed, so no relay can
+            // speak for another node in the ring.
+            Path::Relayed(r) => relayed.entry(r).or_default().extend(owned(n, ring)),
+            Path::Unreachable => {}
+        }
+    }
+    for (r, ranges) in relayed {
+        let key = peers
+            .iter()
+            .find(|n| n.name == r)
+            .map(|n| &n.spec.public_key);
+        if let Some(p) = key.and_then(|k| out.get_mut(k)) {
+            p.allowed_ips.extend(ranges);
+        }
+    }
+    for p in out.values_mut() {
+        p.allowed_ips.sort();
+    }
     out
 }
 
@@ -174,6 +275,8 @@ mod tests {
                 persistent_keepalive: None,
                 ring_name: None,
                 next_public_key: None,
+                mtu: None,
+                allowed_ips: None,
             },
         }
     }
@@ -273,6 +376,90 @@ mod tests {
         assert!(want["kb2"].allowed_ips.is_empty());
         assert_eq!(want["kb2"].endpoint, want["kb"].endpoint);
         assert!(!want["kb"].allowed_ips.is_empty());
+    }
+
+    #[test]
+    fn nodes_behind_nat_in_different_places_are_relayed_by_one_both_reach() {
+        use EndpointKind::*;
+        let mut a = node(
+            "a",
+            "ka",
+            Some("A"),
+            &[("10.1.0.11:1", Internal), ("198.18.0.1:1", External)],
+        );
+        a.spec.mesh_address = "fd77:6566:7400::a".into();
+        let mut b1 = node("b1", "kb1", Some("B"), &[("10.2.0.11:1", Internal)]);
+        b1.spec.persistent_keepalive = Some(25);
+        let b2 = node("b2", "kb2", Some("B"), &[("10.2.0.12:1", Internal)]);
+        let c1 = node("c1", "kc1", Some("C"), &[("10.3.0.11:1", Internal)]);
+        let host = {
+            let mut h = node("laptop", "kh", Some("outside"), &[]);
+            h.spec.allowed_ips = Some(vec!["10.50.0.5/32".into(), "10.40.0.0/16".into()]);
+            h
+        };
+        let all = [a.clone(), b1.clone(), b2.clone(), c1.clone(), host.clone()];
+        let r = ring(
+            &[
+                a.ring_name(),
+                b1.ring_name(),
+                b2.ring_name(),
+                c1.ring_name(),
+            ]
+            .each_ref()
+            .map(|n| n.as_str()),
+        );
+        assert!(connected(&b1.spec, &a.spec) && connected(&a.spec, &b1.spec));
+        assert!(connected(&b1.spec, &b2.spec), "same place: internal");
+        assert!(!connected(&b1.spec, &c1.spec), "NAT to NAT");
+        assert_eq!(path(&b1, &c1, &all), Path::Relayed("a".into()));
+        assert_eq!(
+            path(&c1, &b1, &all),
+            Path::Relayed("a".into()),
+            "both pick the same relay"
+        );
+        assert_eq!(
+            path(&b1, &host, &all),
+            Path::Relayed("a".into()),
+            "a host without endpoint too"
+        );
+        assert_eq!(path(&b1, &c1, &[b1.clone(), c1.clone()]), Path::Unreachable);
+
+        let want = desired(&b1, &all, &r);
+        assert_eq!(want.len(), 2, "a and b2 only: {want:?}");
+        let via_a = &want["ka"];
+        assert_eq!(
+            via_a.endpoint.unwrap().to_string(),
+            "198.18.0.1:1",
+            "external across places"
+        );
+        let c1_ranges = owned(&c1, &r);
+        assert!(!c1_ranges.is_empty());
+        for c in c1_ranges.iter().chain(["10.50.0.5/32".to_string()].iter()) {
+            assert!(
+                via_a.allowed_ips.contains(c),
+                "{c} not on the relay: {via_a:?}"
+            );
+        }
+        assert!(
+            !via_a
+                .allowed_ips
+                .iter()
+                .any(|c| c.starts_with(&c1.spec.mesh_address)),
+            "mesh addresses are never relayed"
+        );
+        assert_eq!(via_a.keepalive, Some(25), "behind NAT: keepalive from b1");
+        assert_eq!(want["kb2"].endpoint.unwrap().to_string(), "10.2.0.12:1");
+
+        let want = desired(&a, &all, &r);
+        assert_eq!(want.len(), 4, "the relay has everyone: {want:?}");
+        assert_eq!(want["kb1"].endpoint, None, "learned from b1's handshakes");
+        assert_eq!(want["kh"].allowed_ips[0], "10.50.0.5/32");
+        assert!(
+            !want["kh"].allowed_ips.contains(&"10.40.0.0/16".to_string()),
+            "a host never gets pod addresses: {:?}",
+            want["kh"]
+        );
+        assert_eq!(want["kb1"].keepalive, None);
     }
 
     #[test]

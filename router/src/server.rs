@@ -82,6 +82,10 @@ async fn lookup_inner(h: &Handle, a: api::Attachment) -> Answer<api::Allocation>
     })
 }
 
+async fn showconf(State(h): State<Handle>, Json(r): Json<api::ShowConf>) -> Answer<String> {
+    h.showconf(r).await.map(Json)
+}
+
 async fn status(State(h): State<Handle>) -> Answer<api::Status> {
     h.status().await.map(Json)
 }
@@ -104,6 +108,7 @@ pub fn routes(h: Handle) -> Router {
         .route(api::PATH_PEERS, get(peers))
         .route(api::PATH_RMPEER, post(rmpeer))
         .route(api::PATH_ROTATE_KEY, post(rotate_key))
+        .route(api::PATH_SHOWCONF, post(showconf))
         .route(api::PATH_HEALTH, get(health))
         .with_state(h)
 }

@@ -95,9 +95,11 @@ pub struct Capture(std::process::Child);
 impl Capture {
     pub fn start(lab: &Lab) -> Result<Capture> {
         let sw = format!("{}-sw", lab.prefix);
+        // A multi-site lab's wires (WAN and every site's LAN) are all in the switch namespace.
+        let wire = if lab.sites.is_empty() { "sw0" } else { "any" };
         let child = Command::new("ip")
             .args([
-                "netns", "exec", &sw, "tcpdump", "-i", "sw0", "-n", "-l", "-U", "ip",
+                "netns", "exec", &sw, "tcpdump", "-i", wire, "-n", "-l", "-U", "ip",
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

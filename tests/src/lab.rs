@@ -40,6 +40,9 @@ pub struct LabNode {
     pub cni_conf: PathBuf,
     pub state_dir: PathBuf,
     pub pods: Vec<Pod>,
+    /// The router's placement flags (location, endpoints); empty: `--endpoint <underlay>:51820`.
+    #[serde(default)]
+    pub router_args: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -56,6 +59,9 @@ pub struct Lab {
     /// Extra environment for every router this lab starts (e.g. a short `WEFT_RECLAIM_GRACE`).
     #[serde(default)]
     pub router_env: std::collections::BTreeMap<String, String>,
+    /// The sites of a multi-site lab (`up --sites`); empty: one switch, one subnet.
+    #[serde(default)]
+    pub sites: Vec<crate::sites::Site>,
 }
 
 fn dir_store() -> String {
@@ -137,13 +143,48 @@ impl Lab {
         store: &str,
         router_env: &[(&str, &str)],
     ) -> Result<Lab> {
+        Self::build(
+            dir,
+            prefix,
+            nodes,
+            pods_per_node,
+            store,
+            router_env,
+            Vec::new(),
+        )
+    }
+
+    /// A multi-site lab (see [`crate::sites`]): every site's nodes, `pods_per_node` pods each.
+    pub fn up_sites(
+        dir: &Path,
+        prefix: &str,
+        sites: Vec<crate::sites::Site>,
+        pods_per_node: usize,
+    ) -> Result<Lab> {
+        let nodes = sites.iter().map(|s| s.nodes).sum();
+        Self::build(dir, prefix, nodes, pods_per_node, "dir", &[], sites)
+    }
+
+    fn build(
+        dir: &Path,
+        prefix: &str,
+        nodes: usize,
+        pods_per_node: usize,
+        store: &str,
+        router_env: &[(&str, &str)],
+        sites: Vec<crate::sites::Site>,
+    ) -> Result<Lab> {
         Self::down(dir, prefix)?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let (router, cni) = (binary("weft-router")?, binary("weft")?);
-        let sw = format!("{prefix}-sw");
-        netns::add(&sw)?;
-        netns::ip(&["-n", &sw, "link", "add", "sw0", "type", "bridge"])?;
-        netns::ip(&["-n", &sw, "link", "set", "sw0", "up"])?;
+        if sites.is_empty() {
+            let sw = format!("{prefix}-sw");
+            netns::add(&sw)?;
+            netns::ip(&["-n", &sw, "link", "add", "sw0", "type", "bridge"])?;
+            netns::ip(&["-n", &sw, "link", "set", "sw0", "up"])?;
+        } else {
+            crate::sites::build(prefix, &sites)?;
+        }
         let mut lab = Lab {
             dir: dir.to_path_buf(),
             prefix: prefix.into(),
@@ -154,6 +195,7 @@ impl Lab {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            sites,
         };
         if store == "kube" {
             lab.api_port = Some(lab.start_kube()?);
@@ -233,7 +275,12 @@ impl Lab {
 
     fn add_node(&self, i: usize, router: &Path, cni: &Path) -> Result<LabNode> {
         let name = format!("node{i}");
-        let (ns, underlay_ip) = netns::add_node_on_switch(&self.prefix, i)?;
+        let (ns, underlay_ip, router_args) = if self.sites.is_empty() {
+            let (ns, ip) = netns::add_node_on_switch(&self.prefix, i)?;
+            (ns, ip, Vec::new())
+        } else {
+            crate::sites::add_node(&self.prefix, &self.sites, i)?
+        };
 
         let home = self.dir.join(&name);
         if let Some(port) = self.api_port {
@@ -288,6 +335,7 @@ impl Lab {
             cni_conf,
             state_dir,
             pods: Vec::new(),
+            router_args,
         };
         self.spawn_router(&node, router)?;
         Ok(node)
@@ -305,7 +353,14 @@ impl Lab {
             .arg(&node.node_api_socket)
             .arg("--peers-dir")
             .arg(self.dir.join("peers"))
-            .args(["--endpoint", &format!("{}:51820", node.underlay_ip)])
+            .args(if node.router_args.is_empty() {
+                vec![
+                    "--endpoint".to_string(),
+                    format!("{}:51820", node.underlay_ip),
+                ]
+            } else {
+                node.router_args.clone()
+            })
             .args([
                 "--wg-interface",
                 node.wg_interface.as_deref().unwrap_or("weft0"),
@@ -539,6 +594,11 @@ impl Lab {
             errors.push(format!("{e:#}"));
         }
         let mut names = netns::list(&format!("{prefix}-"));
+        // What runs in them (a host's userspace WireGuard, a capture) goes first: a process
+        // keeps its namespace's devices alive after the namespace's name is gone.
+        for ns in &names {
+            netns::kill_all(ns);
+        }
         names.sort_by_key(|n| std::cmp::Reverse(n.len())); // pods, then nodes, then the switch
         for ns in names {
             if let Err(e) = netns::delete(&ns) {

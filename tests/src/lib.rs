@@ -14,3 +14,4 @@ pub mod netns;
 mod pki;
 pub mod prereq;
 pub mod procs;
+pub mod sites;

@@ -66,6 +66,21 @@ pub fn exists(ns: &str) -> bool {
     std::path::Path::new("/run/netns").join(ns).exists()
 }
 
+/// Kills (SIGKILL) every process in `ns`, if any.
+pub fn kill_all(ns: &str) {
+    let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() else {
+        return;
+    };
+    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        if let Ok(pid) = pid.parse::<i32>() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 /// Deletes `ns` if it exists (its veths go with it).
 pub fn delete(ns: &str) -> Result<()> {
     if exists(ns) {

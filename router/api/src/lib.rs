@@ -15,6 +15,7 @@
 //! | GET | [`PATH_PEERS`] | — | [`PeerInfo`] list |
 //! | POST | [`PATH_RMPEER`] | [`RmPeer`] | [`RmPeerResult`] (409 while the node is alive) |
 //! | POST | [`PATH_ROTATE_KEY`] | [`RotateKey`] | [`RotateKeyResult`] (answers once done) |
+//! | POST | [`PATH_SHOWCONF`] | [`ShowConf`] | `String`: wg-quick configuration (404: no such peer) |
 //! | GET | [`PATH_HEALTH`] | — | [`Health`] (503 when not ready) |
 //!
 //! Errors: a non-2xx status with an [`ApiError`] body.
@@ -34,6 +35,7 @@ pub const PATH_STATUS: &str = "/v1/status";
 pub const PATH_PEERS: &str = "/v1/peers";
 pub const PATH_RMPEER: &str = "/v1/rmpeer";
 pub const PATH_ROTATE_KEY: &str = "/v1/rotate-key";
+pub const PATH_SHOWCONF: &str = "/v1/showconf";
 pub const PATH_HEALTH: &str = "/healthz";
 
 /// One pod interface, as CNI identifies an attachment: network name, container id, ifname.
@@ -182,6 +184,33 @@ pub struct PeerInfo {
     pub last_handshake_secs: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// How its traffic goes: `direct`; `via <node>` (neither can reach the other — both behind
+    /// NAT in different locations — so that node, which both reach, carries it); `unreachable`
+    /// (no node to relay either).
+    #[serde(default = "direct")]
+    pub path: String,
+}
+
+fn direct() -> String {
+    "direct".into()
+}
+
+impl PeerInfo {
+    /// Whether a peer we should have a WireGuard session with has had no handshake for longer
+    /// than `secs` (a relayed peer has none with us, by design).
+    pub fn handshake_stale(&self, secs: u64) -> bool {
+        self.path == "direct" && self.last_handshake_secs.is_none_or(|s| s > secs)
+    }
+}
+
+/// The WireGuard configuration (wg-quick form) the mesh wants a node or a host to have.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShowConf {
+    /// A node's or a host's MeshPeer name.
+    pub name: String,
+    /// Where the host keeps its private key (default `/etc/wireguard/<name>.key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
 }
 
 /// Reclaim a dead node's address space now, without waiting for its MeshPeer to go.

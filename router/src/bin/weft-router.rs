@@ -10,9 +10,10 @@ use router::config::Config;
 use router::keys::Identity;
 use router::kube_store::KubeStore;
 use router::mesh::Mesh;
+use router::meshpeer::MeshPeerSpec;
 use router::meshpeer::MeshPeerStatus;
-use router::meshpeer::{Endpoint, EndpointKind, MeshPeerSpec};
 use router::peers::{DirStore, Store as PeerStoreKind};
+use router::placement::Placement;
 use router::plan;
 use router::store::Store;
 use router::wg::Device;
@@ -61,9 +62,28 @@ struct Args {
     /// WireGuard listen port.
     #[arg(long, env = "WEFT_WG_PORT", default_value_t = 51820)]
     wg_port: u16,
-    /// This node's WireGuard endpoint as other nodes reach it (ip:port).
+    /// This node's internal WireGuard endpoint (ip:port), for nodes in its location (default,
+    /// with `--peer-store kube`: the Node's InternalIP and --wg-port).
     #[arg(long, env = "WEFT_ENDPOINT")]
-    endpoint: std::net::SocketAddr,
+    endpoint: Option<std::net::SocketAddr>,
+    /// The endpoint nodes in other locations reach this one on (ip:port), e.g. a cloud public IP
+    /// (default: the Node's `weft.dev/external-endpoint` annotation, else its ExternalIP).
+    #[arg(long, env = "WEFT_EXTERNAL_ENDPOINT")]
+    external_endpoint: Option<std::net::SocketAddr>,
+    /// The one endpoint every node uses for this node (default: the Node's
+    /// `weft.dev/force-endpoint` annotation).
+    #[arg(long, env = "WEFT_FORCE_ENDPOINT")]
+    force_endpoint: Option<std::net::SocketAddr>,
+    /// This node's location: nodes in one location reach each other on internal endpoints,
+    /// others on external ones (default: the Node's `weft.dev/location` label, else
+    /// `topology.kubernetes.io/zone`; none: one network).
+    #[arg(long, env = "WEFT_LOCATION")]
+    location: Option<String>,
+    /// Nothing outside this node's location can reach it (also the Node label
+    /// `weft.dev/behind-nat=true`; assumed with a location and no external endpoint): it sends
+    /// keepalives so that its NAT mapping stays open and peers learn its address.
+    #[arg(long, env = "WEFT_BEHIND_NAT")]
+    behind_nat: bool,
     /// Where nodes find each other: `kube` (MeshPeer objects; KUBECONFIG or in-cluster) or `dir`
     /// (one file per node in --peers-dir, shared by the nodes: the lab's store).
     #[arg(long, env = "WEFT_PEER_STORE", default_value = "dir", value_parser = ["dir", "kube"])]
@@ -158,10 +178,7 @@ async fn publish_status(store: KubeStore, handle: Handle, stale_after: Duration)
         };
         let stale: Vec<&str> = peers
             .iter()
-            .filter(|p| {
-                p.last_handshake_secs
-                    .is_none_or(|s| s > stale_after.as_secs())
-            })
+            .filter(|p| p.handshake_stale(stale_after.as_secs()))
             .map(|p| p.node.as_str())
             .collect();
         let handshakes = format!("{}/{}", peers.len() - stale.len(), peers.len());
@@ -438,24 +455,43 @@ async fn main() -> Result<()> {
     )
     .await?;
     router::net::mesh_routes_once(&a.wg_interface, cfg.universe).await?;
+    let mut placement = Placement {
+        internal: a.endpoint,
+        external: a.external_endpoint,
+        forced: a.force_endpoint,
+        location: a.location.clone(),
+        behind_nat: a.behind_nat,
+    };
+    if let Some(client) = &kube {
+        match KubeStore::new(client.clone()).node_facts(&cfg.node).await {
+            Ok(facts) => placement = placement.with_node(&facts, a.wg_port),
+            Err(e) => warn!(
+                "reading Node {} for its endpoints and location: {e}",
+                cfg.node
+            ),
+        }
+    }
+    anyhow::ensure!(
+        !placement.endpoints().is_empty() || placement.behind_nat(),
+        "no endpoint for this node: give --endpoint (WEFT_ENDPOINT) ip:port, or --behind-nat"
+    );
     let me_spec = MeshPeerSpec {
         public_key: identity.public_base64(),
-        endpoints: vec![Endpoint {
-            address: a.endpoint.to_string(),
-            kind: EndpointKind::Internal,
-        }],
+        endpoints: placement.endpoints(),
         mesh_address: identity.mesh_address().to_string(),
-        location: None,
-        persistent_keepalive: None,
+        location: placement.location.clone(),
+        persistent_keepalive: placement.keepalive(),
         ring_name: Some(me.to_string()),
         next_public_key: None,
+        mtu: None,
+        allowed_ips: None,
     };
     let peers = match &kube {
         Some(client) => PeerStoreKind::Kube(Box::new(KubeStore::new(client.clone()))),
         None => PeerStoreKind::Dir(DirStore::new(&cfg.peers_dir)?),
     };
     peers.publish(&cfg.node, &me_spec).await?;
-    info!(key = %identity.public_base64(), mesh = %identity.mesh_address(), endpoint = %a.endpoint, "published MeshPeer");
+    info!(key = %identity.public_base64(), mesh = %identity.mesh_address(), endpoints = ?placement.endpoints(), location = ?placement.location, behind_nat = placement.behind_nat(), "published MeshPeer");
     let (inbound_tx, mut inbound_rx) = tokio::sync::mpsc::channel(256);
     let index = Arc::new(RwLock::new(BTreeMap::new()));
     let me_node_name = cfg.node.clone();

@@ -71,8 +71,22 @@ enum Cmd {
     /// older than 3 minutes (or never happened), 2 when the router does not answer.
     Peers,
     /// This node's WireGuard configuration in wg-quick form, with node names and ranges as
-    /// comments (the private key stays with weft-router), like `wg showconf`.
-    Showconf,
+    /// comments (the private key stays with weft-router), like `wg showconf`. `showconf node
+    /// <name>`: what the mesh wants that node to have; `showconf peer <name>`: a host's config,
+    /// ready for `wg-quick up` (see `weftctl peer add`).
+    Showconf {
+        #[arg(value_parser = ["node", "peer"], requires = "name")]
+        kind: Option<String>,
+        name: Option<String>,
+        /// For a host: where it keeps its private key (default /etc/wireguard/<name>.key).
+        #[arg(long)]
+        private_key_file: Option<String>,
+    },
+    /// Hosts outside Kubernetes (a VM in another cloud, a laptop) as members of the mesh.
+    Peer {
+        #[command(subcommand)]
+        cmd: PeerCmd,
+    },
     /// Reclaim the address space of a node that is gone for good (its router stopped, its state
     /// not coming back) now, instead of when its MeshPeer is deleted. Refused (exit 1) while
     /// the node is alive: gossip from it or a handshake with it within the stale period.
@@ -88,6 +102,156 @@ enum Cmd {
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand)]
+enum PeerCmd {
+    /// Register a host: every node then routes its addresses to it through WireGuard, and
+    /// `weftctl showconf peer <name>` prints its wg-quick configuration. Needs an
+    /// administrator's KUBECONFIG (routers may not register hosts).
+    Add {
+        name: String,
+        /// The host's WireGuard public key (`wg pubkey < host.key`).
+        #[arg(long)]
+        public_key: String,
+        /// The host's own addresses (IPv4 CIDRs outside the pod universe), comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        allowed_ips: Vec<String>,
+        /// Where nodes reach the host (ip:port); without one the host is behind NAT: it
+        /// reaches the nodes and keeps the path open with keepalives.
+        #[arg(long)]
+        endpoint: Option<std::net::SocketAddr>,
+        /// The host's location (default: one of its own, so nodes use their external endpoints).
+        #[arg(long)]
+        location: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Remove a host registered with `peer add`.
+    Rm {
+        name: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// Where the MeshPeers are: `kube` (KUBECONFIG) or `dir` (--peers-dir, the lab's store).
+    #[arg(long, default_value = "kube", value_parser = ["dir", "kube"])]
+    peer_store: String,
+    #[arg(long, env = "WEFT_PEERS_DIR", default_value = "/var/lib/weft/peers")]
+    peers_dir: PathBuf,
+}
+
+impl StoreArgs {
+    async fn open(&self) -> Result<router::peers::Store> {
+        use anyhow::Context;
+        Ok(if self.peer_store == "dir" {
+            router::peers::Store::Dir(router::peers::DirStore::new(&self.peers_dir)?)
+        } else {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (KUBECONFIG)")?;
+            router::peers::Store::Kube(Box::new(router::kube_store::KubeStore::new(client)))
+        })
+    }
+}
+
+/// The MeshPeer of a host outside Kubernetes, checked.
+fn host_spec(
+    public_key: &str,
+    allowed_ips: &[String],
+    endpoint: Option<std::net::SocketAddr>,
+    location: String,
+) -> Result<router::meshpeer::MeshPeerSpec> {
+    use base64::Engine;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(public_key.trim())
+        .ok()
+        .filter(|k| k.len() == 32)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--public-key {public_key:?}: want 32 bytes in base64, as `wg pubkey` prints"
+            )
+        })?;
+    for c in allowed_ips {
+        c.parse::<ipam::Cidr>()
+            .map_err(|e| anyhow::anyhow!("--allowed-ips {c}: {e}"))?;
+    }
+    Ok(router::meshpeer::MeshPeerSpec {
+        public_key: public_key.trim().to_string(),
+        endpoints: endpoint
+            .map(|e| router::meshpeer::Endpoint {
+                address: e.to_string(),
+                kind: router::meshpeer::EndpointKind::External,
+            })
+            .into_iter()
+            .collect(),
+        mesh_address: router::keys::mesh_address(&key).to_string(),
+        location: Some(location),
+        persistent_keepalive: endpoint
+            .is_none()
+            .then_some(router::placement::NAT_KEEPALIVE),
+        ring_name: None,
+        next_public_key: None,
+        mtu: None,
+        allowed_ips: Some(allowed_ips.to_vec()),
+    })
+}
+
+fn peer_cmd(cmd: PeerCmd) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        match cmd {
+            PeerCmd::Add {
+                name,
+                public_key,
+                allowed_ips,
+                endpoint,
+                location,
+                store,
+            } => {
+                let spec = host_spec(
+                    &public_key,
+                    &allowed_ips,
+                    endpoint,
+                    location.unwrap_or_else(|| name.clone()),
+                )?;
+                let store = store.open().await?;
+                let existing = store.snapshot().await?;
+                if let Some(n) = existing.iter().find(|n| n.name == name && !n.is_host()) {
+                    anyhow::bail!(
+                        "{} is a node's MeshPeer, not a host's: choose another name",
+                        n.name
+                    );
+                }
+                store.publish(&name, &spec).await?;
+                println!(
+                    "registered host {name} ({}), addresses {}",
+                    spec.public_key,
+                    allowed_ips.join(", ")
+                );
+                println!("its configuration: weftctl showconf peer {name}");
+            }
+            PeerCmd::Rm { name, store } => {
+                let store = store.open().await?;
+                match store.snapshot().await?.iter().find(|n| n.name == name) {
+                    Some(n) if n.is_host() => {
+                        store.remove(&name).await?;
+                        println!("removed host {name}");
+                    }
+                    Some(_) => {
+                        anyhow::bail!("{name} is a node, not a host: weftctl rmpeer is for nodes")
+                    }
+                    None => anyhow::bail!("no MeshPeer {name}"),
+                }
+            }
+        }
+        Ok(())
+    })
 }
 
 /// Asks the router; exit 2 (with what was tried) when it does not answer.
@@ -206,25 +370,33 @@ fn showconf(s: &Status, peers: &[PeerInfo]) -> String {
 }
 
 fn stale(p: &PeerInfo) -> bool {
-    p.last_handshake_secs
-        .is_none_or(|s| s > STALE_HANDSHAKE_SECS)
+    p.handshake_stale(STALE_HANDSHAKE_SECS)
 }
 
 fn print_peers(peers: &[PeerInfo]) {
     println!(
-        "{:<16} {:<24} {:<9} {:<12} {:>10} {:>10}  RANGES",
-        "NODE", "ENDPOINT", "KIND", "HANDSHAKE", "RX", "TX"
+        "{:<16} {:<24} {:<9} {:<12} {:<12} {:>10} {:>10}  RANGES",
+        "NODE", "ENDPOINT", "KIND", "PATH", "HANDSHAKE", "RX", "TX"
     );
     for p in peers {
         println!(
-            "{:<16} {:<24} {:<9} {:<12} {:>10} {:>10}  {}",
+            "{:<16} {:<24} {:<9} {:<12} {:<12} {:>10} {:>10}  {}",
             p.node,
             p.endpoint.as_deref().unwrap_or("-"),
             p.endpoint_kind,
+            p.path,
             age(p.last_handshake_secs),
             bytes(p.rx_bytes),
             bytes(p.tx_bytes),
             p.ranges.join(", ")
+        );
+    }
+    for p in peers.iter().filter(|p| p.path == "unreachable") {
+        println!(
+            "PROBLEM   {} is unreachable: neither node can reach the other (both behind NAT, in \
+             different locations) and no node reaches both to relay; give one an external \
+             endpoint (--external-endpoint, annotation weft.dev/external-endpoint)",
+            p.node
         );
     }
     for p in peers.iter().filter(|p| stale(p)) {
@@ -367,15 +539,34 @@ fn main() -> Result<()> {
             if !print_as(cli.output, &peers)? {
                 print_peers(&peers);
             }
-            if peers.iter().any(stale) {
+            if peers.iter().any(|p| stale(p) || p.path == "unreachable") {
                 std::process::exit(1);
             }
         }
-        Cmd::Showconf => {
+        Cmd::Showconf { name: None, .. } => {
             let s: Status = ask(&cli.socket, PATH_STATUS);
             let peers: Vec<PeerInfo> = ask(&cli.socket, PATH_PEERS);
             print!("{}", showconf(&s, &peers));
         }
+        Cmd::Showconf {
+            name: Some(name),
+            private_key_file,
+            ..
+        } => {
+            let req = weft_node_api::ShowConf {
+                name: name.clone(),
+                key_file: private_key_file,
+            };
+            let text: String = post(
+                &cli.socket,
+                weft_node_api::PATH_SHOWCONF,
+                &req,
+                Duration::from_secs(5),
+                &format!("showconf {name}"),
+            );
+            print!("{text}");
+        }
+        Cmd::Peer { cmd } => peer_cmd(cmd)?,
         Cmd::Rmpeer { node } => {
             let req = weft_node_api::RmPeer { node: node.clone() };
             let r: weft_node_api::RmPeerResult = post(

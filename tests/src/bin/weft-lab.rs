@@ -49,6 +49,13 @@ enum Top {
         /// API server: MeshPeer objects, Node objects, RBAC).
         #[arg(long, default_value = "dir", value_parser = ["dir", "kube"])]
         store: String,
+        /// Sites, each with its own subnet and MTU (1500, 1400, 1380, ...), joined by a WAN:
+        /// `a:2,b:2,c:1` (replaces --nodes). See also --nat.
+        #[arg(long, conflicts_with_all = ["cluster", "store"])]
+        sites: Option<String>,
+        /// Sites behind their own NAT (masquerade out, nothing in), e.g. `b,c`.
+        #[arg(long, value_delimiter = ',', requires = "sites")]
+        nat: Vec<String>,
     },
     /// Nodes, their sockets and CNI files, and pods with their addresses.
     Status {
@@ -202,10 +209,18 @@ async fn main() -> Result<()> {
             nodes,
             pods_per_node,
             store,
+            sites,
+            nat,
             ..
         } => {
             prereq::require(prereq::LAB);
-            let lab = Lab::up_with(&lab_dir, &cli.prefix, nodes, pods_per_node, &store)?;
+            let lab = match sites {
+                Some(sites) => {
+                    let sites = weft_tests::sites::parse(&sites, &nat)?;
+                    Lab::up_sites(&lab_dir, &cli.prefix, sites, pods_per_node)?
+                }
+                None => Lab::up_with(&lab_dir, &cli.prefix, nodes, pods_per_node, &store)?,
+            };
             if lab.store == "kube" {
                 eprintln!(
                     "export KUBECONFIG={}",
