@@ -69,6 +69,14 @@ mesh_tier() {
 	cargo test --release -p weft-tests --test mesh -- --nocapture
 }
 
+sites_tier() {
+	# Three sites (subnets, MTUs 1500/1400/1380), two behind NATs that let nothing in, and a
+	# host outside Kubernetes set up from `weftctl showconf peer` with wg-quick + wireguard-go:
+	# all pairs, relay, MTU, 20 MiB per site pair, NAT rebinding, no session resets.
+	ensure_packages wireguard-tools wireguard-go conntrack nftables tcpdump
+	cargo test --release -p weft-tests --test sites -- --nocapture
+}
+
 chaos_tier() {
 	# Faults while pods come and go (router SIGKILLs during ADDs, a partitioned node, a deleted
 	# node, a node that lost its state) on 4 nodes and the real API server; fails unless no
@@ -121,6 +129,7 @@ if [ "$(id -u)" != 0 ]; then
 	skip node "needs root (network namespaces, veth, bridges)"
 	skip runtimes "needs root"
 	skip mesh "needs root"
+	skip sites "needs root"
 	skip chaos "needs root"
 	skip cluster "needs root"
 	skip conformance "needs root"
@@ -128,6 +137,7 @@ if [ "$(id -u)" != 0 ]; then
 else
 	tier node node_tier
 	tier mesh mesh_tier
+	tier sites sites_tier
 	tier chaos chaos_tier
 	tier runtimes runtimes_tier
 	tier cluster cluster_tier

@@ -476,6 +476,8 @@ impl Actor {
                 Ok(net) => {
                     info!(gateway = %gw, owned = ?owned.iter().map(|c| c.to_string()).collect::<Vec<_>>(), "node network ready");
                     self.net = Some(net);
+                    // The peers may be known already: no pod before the MTU is theirs.
+                    self.sync_mtu().await;
                 }
                 Err(e) => warn!("setting up the node network: {e}"),
             },
@@ -489,6 +491,25 @@ impl Actor {
             self.metrics.reconciled(t0.elapsed());
         }
         self.route_hosts().await;
+    }
+
+    /// Keeps the tunnel MTU at the smallest path to a peer (unless an administrator fixed it).
+    async fn sync_mtu(&mut self) {
+        let (Some(net), Some(mesh)) = (&self.net, &self.mesh) else {
+            return;
+        };
+        if self.cfg.mtu_fixed {
+            return;
+        }
+        let links: Vec<u32> = mesh.peers.values().filter_map(|n| n.spec.mtu).collect();
+        match net.sync_mtu(&self.cfg, links, &mesh.endpoints()).await {
+            Ok(Some(mtu)) => {
+                info!(was = self.cfg.mtu, now = mtu, "tunnel MTU changed (smallest path to a peer, less WireGuard's overhead): new pods get it; running pods keep theirs and adapt by path MTU discovery");
+                self.cfg.mtu = mtu;
+            }
+            Ok(None) => {}
+            Err(e) => warn!("updating the tunnel MTU: {e}"),
+        }
     }
 
     /// Routes the addresses of the hosts outside Kubernetes (MeshPeers with `allowedIPs`) into
@@ -610,6 +631,10 @@ impl Actor {
     }
 
     async fn tick(&mut self) {
+        // A learned path MTU (ICMP from the way) shows only in the route cache: look again.
+        if self.started.elapsed().as_secs() % 5 == 0 {
+            self.sync_mtu().await;
+        }
         let Some(mesh) = &self.mesh else { return };
         let names = mesh.gossip_peers();
         let targets =
@@ -895,6 +920,16 @@ impl Actor {
             warn!("reconciling WireGuard peers: {e}");
         }
         self.route_hosts().await;
+        self.sync_mtu().await;
+        if let Some(mesh) = &self.mesh {
+            for host in mesh
+                .peers
+                .iter()
+                .filter(|(r, n)| n.is_host() && !known.contains(*r))
+            {
+                mesh.kick(host.1).await;
+            }
+        }
         // A node that just appeared gets our ring now rather than at a random later tick.
         if self.node.ring().is_seeded() {
             let out = self.ring_to(new);

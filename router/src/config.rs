@@ -16,8 +16,13 @@ pub struct Config {
     pub universe: Cidr,
     /// The node bridge pods attach to.
     pub bridge: String,
-    /// MTU for the bridge and pods.
+    /// MTU for the bridge, the WireGuard interface and new pods (kept at the smallest path to
+    /// a peer, see [`crate::mtu`], unless `mtu_fixed`).
     pub mtu: u32,
+    /// Set by an administrator (`--mtu`): never recomputed.
+    pub mtu_fixed: bool,
+    /// This node's own underlay link (its MTU, whether IPv6), published for its peers.
+    pub link: crate::mtu::Path,
     /// The directory peer store (shared folder), where seeding is decided atomically.
     pub peers_dir: PathBuf,
     /// Masquerade pod traffic leaving the universe.

@@ -12,6 +12,7 @@ pub mod kube_store;
 pub mod mesh;
 pub mod meshpeer;
 pub mod metrics;
+pub mod mtu;
 pub mod net;
 pub mod overlap;
 pub mod peers;

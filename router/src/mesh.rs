@@ -137,6 +137,30 @@ impl Mesh {
             .collect()
     }
 
+    /// Sends `n` an empty datagram through the tunnel: WireGuard handshakes at once. For a host
+    /// outside Kubernetes, which learns a NATed node's address only from its packets — without
+    /// a kick, only at the first keepalive, up to 25 s later.
+    pub async fn kick(&self, n: &Node) {
+        if let Ok(addr) = n.spec.mesh_address.parse::<Ipv6Addr>() {
+            let to = SocketAddr::new(IpAddr::V6(addr), GOSSIP_PORT);
+            if let Err(e) = self.socket.send_to(&[], to).await {
+                debug!(peer = %n.name, "kicking a handshake: {e}");
+            }
+        }
+    }
+
+    /// The endpoints this node sends to: the ones set and, where the device learned another
+    /// (a peer behind NAT roamed), that one.
+    pub fn endpoints(&self) -> Vec<SocketAddr> {
+        let mut out: Vec<SocketAddr> = self.applied.values().flatten().copied().collect();
+        if let Some((model, _)) = &self.model {
+            out.extend(model.values().filter_map(|p| p.endpoint));
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// After the interface switched keys (it dropped every peer): the next reconcile adds them
     /// all back as the plan has them.
     pub fn rekeyed(&mut self) {

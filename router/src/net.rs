@@ -265,6 +265,24 @@ impl Net {
         Ok(())
     }
 
+    /// Brings the tunnel MTU (see [`crate::mtu`]) up to date on the WireGuard interface and the
+    /// bridge; the caller gives it to new pods. Returns the new MTU when it changed.
+    pub async fn sync_mtu(
+        &self,
+        cfg: &Config,
+        peer_links: Vec<u32>,
+        endpoints: &[std::net::SocketAddr],
+    ) -> Result<Option<u32>> {
+        let paths = crate::mtu::paths(&self.handle, endpoints).await;
+        let mtu = crate::mtu::tunnel(cfg.link, peer_links, &paths);
+        if mtu == cfg.mtu {
+            return Ok(None);
+        }
+        crate::mtu::set_link_mtu(&self.handle, &cfg.wg_interface, mtu).await?;
+        crate::mtu::set_link_mtu(&self.handle, &self.bridge, mtu).await?;
+        Ok(Some(mtu))
+    }
+
     pub async fn close(self) -> Result<()> {
         self.connection.abort();
         Ok(())

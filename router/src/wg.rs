@@ -311,8 +311,12 @@ impl Device {
         for change in changes {
             match change {
                 Change::Add(p) => self.add(p)?,
+                // The kernel updates a peer in place (replace_allowed_ips): its session and the
+                // endpoint it roamed to stay. boringtun cannot modify a peer (it asserts), so
+                // there an update is remove + add: a new session, one handshake (packets wait
+                // in its queue meanwhile).
+                Change::Update(p) if self.backend() == Backend::Kernel => self.add(p)?,
                 Change::Update(p) => {
-                    // Never reconfigure an existing peer in place (boringtun panics): remove, add.
                     self.remove(&p.public_key)?;
                     self.add(p)?;
                 }

@@ -150,7 +150,7 @@ pub fn throughput(dir: &Path, prefix: &str, secs: u32) -> Result<(f64, f64)> {
     let cleanup = Lab::down(dir, prefix);
     let weft = result?;
     cleanup?;
-    let reference = hand_built(prefix, 1420, secs)?;
+    let reference = hand_built(prefix, 1440, secs)?;
     if reference <= 0.0 {
         bail!("the hand-built tunnel carried nothing");
     }

@@ -279,6 +279,70 @@ pub fn rebind_nat(prefix: &str, sites: &[Site], site: &str, ports: &str) -> Resu
     netns::exec(&gw, &["conntrack", "-F"]).map(|_| ())
 }
 
+/// Runs `f` on a thread of its own inside network namespace `ns`.
+fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> std::thread::JoinHandle<Result<T>> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        use std::os::fd::AsFd;
+        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("entering {path}"))?;
+        f()
+    })
+}
+
+/// Sends `bytes` (a counting pattern) over one TCP connection from `client_ns` to `server_ip`
+/// (in `server_ns`); the seconds it took. Fails unless every byte arrived intact.
+pub fn transfer(server_ns: &str, client_ns: &str, server_ip: &str, bytes: usize) -> Result<f64> {
+    use std::io::{Read, Write};
+    const PORT: u16 = 5299;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = in_netns(server_ns, move || {
+        let listener = std::net::TcpListener::bind(("0.0.0.0", PORT))?;
+        ready_tx.send(()).ok();
+        let (mut conn, _) = listener.accept()?;
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+        let (mut got, mut buf) = (0usize, vec![0u8; 1 << 16]);
+        loop {
+            let n = conn.read(&mut buf)?;
+            if n == 0 {
+                return Ok(got);
+            }
+            if let Some(i) = (0..n).find(|i| buf[*i] != ((got + i) % 251) as u8) {
+                bail!("byte {} arrived corrupted", got + i);
+            }
+            got += n;
+        }
+    });
+    ready_rx
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .context("the receiver did not start")?;
+    let to: std::net::SocketAddr = format!("{server_ip}:{PORT}").parse()?;
+    let start = std::time::Instant::now();
+    let client = in_netns(client_ns, move || {
+        let mut conn =
+            std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(5))?;
+        conn.set_write_timeout(Some(std::time::Duration::from_secs(30)))?;
+        let data: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+        conn.write_all(&data)?;
+        conn.shutdown(std::net::Shutdown::Write)?;
+        Ok(())
+    });
+    client
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    let got = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    if got != bytes {
+        bail!("{client_ns} -> {server_ip}: {got} of {bytes} bytes arrived");
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -43,7 +43,9 @@ struct Args {
     /// Node bridge name.
     #[arg(long, env = "WEFT_BRIDGE", default_value = "weft-br")]
     bridge: String,
-    /// MTU of the bridge and pods (default: the underlay's minus 80 for WireGuard).
+    /// MTU of the bridge, the WireGuard interface and pods (default: the smallest path to any
+    /// peer — route to its endpoint, learned path MTU, the link it publishes — less WireGuard's
+    /// 60 bytes over IPv4, 80 over IPv6; kept up to date).
     #[arg(long, env = "WEFT_MTU")]
     mtu: Option<u32>,
     /// Directory peer store: a folder shared by the nodes (the lab's store).
@@ -115,8 +117,9 @@ struct Args {
     log_format: String,
 }
 
-/// The MTU of the interface carrying the default route, minus WireGuard's 80 bytes.
-fn default_mtu() -> u32 {
+/// The MTU of the interface carrying the default route (1500 without one): this node's own
+/// underlay link, which it publishes so that its peers stay below it.
+fn default_link_mtu() -> u32 {
     let dev = std::fs::read_to_string("/proc/net/route")
         .ok()
         .and_then(|t| {
@@ -125,11 +128,9 @@ fn default_mtu() -> u32 {
                 (f.get(1) == Some(&"00000000")).then(|| f[0].to_string())
             })
         });
-    let mtu = dev
-        .and_then(|d| std::fs::read_to_string(format!("/sys/class/net/{d}/mtu")).ok())
+    dev.and_then(|d| std::fs::read_to_string(format!("/sys/class/net/{d}/mtu")).ok())
         .and_then(|m| m.trim().parse::<u32>().ok())
-        .unwrap_or(1500);
-    mtu.saturating_sub(80).max(1280)
+        .unwrap_or(1500)
 }
 
 async fn shutdown_signal(userspace_wg: Option<String>) {
@@ -341,13 +342,19 @@ async fn main() -> Result<()> {
         .parse()
         .and_then(Cidr::universe)
         .context("--universe")?;
+    let link = router::mtu::Path {
+        mtu: default_link_mtu(),
+        v6: a.endpoint.is_some_and(|e| e.is_ipv6()),
+    };
     let cfg = Config {
         node: a.node,
         state_dir: a.state_dir,
         socket: a.socket,
         universe,
         bridge: a.bridge,
-        mtu: a.mtu.unwrap_or_else(default_mtu),
+        mtu: a.mtu.unwrap_or_else(|| router::mtu::tunnel(link, [], &[])),
+        mtu_fixed: a.mtu.is_some(),
+        link,
         peers_dir: a.peers_dir,
         snat: !a.no_snat,
         wg_interface: a.wg_interface.clone(),
@@ -483,7 +490,7 @@ async fn main() -> Result<()> {
         persistent_keepalive: placement.keepalive(),
         ring_name: Some(me.to_string()),
         next_public_key: None,
-        mtu: None,
+        mtu: Some(cfg.link.mtu),
         allowed_ips: None,
     };
     let peers = match &kube {
