@@ -327,4 +327,44 @@ fn nodes_join_across_nats_sites_and_mtus() {
     assert!(direct.is_some() && relayed.is_some());
     let v = check::check(&t.lab).unwrap();
     assert!(v.ok(), "after the rebinding: {v:?}");
+
+    // The path to site c shrinks (its gateway's LAN link to 1360): the first full-size packet
+    // brings an ICMP "fragmentation needed" back to node1, whose router lowers the tunnel MTU
+    // to 1300 within its 5 s look; a new pod gets it.
+    netns::ip(&[
+        "-n",
+        &format!("{prefix}-gw3"),
+        "link",
+        "set",
+        "lan",
+        "mtu",
+        "1360",
+    ])
+    .unwrap();
+    ping(&pods[0].0, &pods[4].1, &["-M", "do", "-s", "1292"]);
+    let start = Instant::now();
+    let mtu = |lab: &Lab| -> u32 {
+        let s: weft_node_api::Status = weft_node_api::client::call(
+            &lab.nodes[0].node_api_socket,
+            "GET",
+            weft_node_api::PATH_STATUS,
+            None::<&()>,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        s.mtu
+    };
+    while mtu(&t.lab) != 1300 && start.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!(
+        "path MTU to site c 1380 -> 1360: node1's tunnel MTU {} after {:.1}s",
+        mtu(&t.lab),
+        start.elapsed().as_secs_f64()
+    );
+    assert_eq!(mtu(&t.lab), 1300);
+    let pod = t.lab.add_pod(0, "late").unwrap();
+    let late = netns::exec(&pod.netns, &["cat", "/sys/class/net/eth0/mtu"]).unwrap();
+    assert_eq!(late.trim(), "1300", "a new pod gets the new MTU");
+    assert!(ping(&pod.netns, &pods[4].1, &["-M", "do", "-s", "1272"]));
 }
