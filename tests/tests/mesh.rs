@@ -191,7 +191,43 @@ fn three_nodes_mesh_on_the_real_api_server() {
         ])
         .unwrap();
     assert!(ok && out.trim() == "True", "RingConsistent: {out}");
+
+    // Placement from the Node object: a location label and an external-endpoint annotation
+    // become node3's MeshPeer location and external endpoint after a router restart.
+    for args in [
+        vec!["label", "node", "node3", "weft.dev/location=west"],
+        vec![
+            "annotate",
+            "node",
+            "node3",
+            "weft.dev/external-endpoint=198.51.100.7",
+        ],
+    ] {
+        let (ok, out) = env.kubectl(&args).unwrap();
+        assert!(ok, "{args:?}: {out}");
+    }
+    t.lab.stop_router(2).unwrap();
+    t.lab.start_router(2).unwrap();
+    let (ok, spec) = env
+        .kubectl(&["get", "meshpeer", "node3", "-o", "jsonpath={.spec}"])
+        .unwrap();
+    println!("node3's MeshPeer spec from its labelled Node: {spec}");
+    let spec: serde_json::Value = serde_json::from_str(&spec).unwrap();
+    assert!(ok && spec["location"] == "west", "{spec}");
+    assert!(
+        spec["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "External" && e["address"] == "198.51.100.7:51820"),
+        "{spec}"
+    );
+    assert!(
+        spec.get("persistentKeepalive").is_none(),
+        "reachable: no keepalive"
+    );
     let mut t = t;
+    converge(&t.lab, "after node3 got a location");
     peers_join_and_restart(&mut t);
 
     // Events on node1's MeshPeer: node4 joined (PeerAdded); node4 stopped and its MeshPeer
