@@ -768,14 +768,15 @@ impl Actor {
                     to.display()
                 ))
             })?;
-        let old_mesh: std::net::Ipv6Addr = mesh.me.spec.mesh_address.parse().map_err(|_| {
-            Failure::internal(format!(
-                "our mesh address {} does not parse",
-                mesh.me.spec.mesh_address
-            ))
-        })?;
+        let old_mesh = crate::mesh::own_addresses(&mesh.me.spec);
+        let mut new_spec = mesh.me.spec.clone();
+        new_spec.mesh_address = next.mesh_address().to_string();
         mesh.device
-            .rekey(&next.private_base64(), next.mesh_address(), old_mesh)
+            .rekey(
+                &next.private_base64(),
+                &crate::mesh::own_addresses(&new_spec),
+                &old_mesh,
+            )
             .await
             .map_err(|e| Failure::internal(format!("{e}")))?;
         let old_public_key = std::mem::replace(&mut mesh.me.spec.public_key, next.public_base64());
@@ -896,6 +897,18 @@ impl Actor {
         for n in forged {
             warn!(peer = %n.name, mesh_address = %n.spec.mesh_address, "ignoring a MeshPeer whose meshAddress is not derived from its publicKey (forged or corrupt: delete it and let its router publish again)");
         }
+        // IPv4 mesh addresses: only valid, uncontested claims stay (see mesh4).
+        let mut nodes = nodes;
+        let held = crate::mesh4::holders(&nodes, self.cfg.mesh4_range);
+        for n in &mut nodes {
+            n.spec.mesh_address_v4 = held.get(&n.name).map(|a| a.to_string());
+        }
+        if let Some(mine) = &mesh.me.spec.mesh_address_v4 {
+            let held_by_me = held.get(&mesh.me.name).map(|a| a.to_string());
+            if nodes.iter().any(|n| n.name == mesh.me.name) && held_by_me.as_ref() != Some(mine) {
+                warn!(address = %mine, "another node holds our IPv4 mesh address (an older MeshPeer claimed it first): gossip with nodes without IPv6 fails until this router restarts and picks another");
+            }
+        }
         let me = mesh.me.name.clone();
         let known: std::collections::BTreeSet<ipam::PeerName> =
             mesh.peers.keys().cloned().collect();
@@ -913,7 +926,18 @@ impl Actor {
             *index = mesh
                 .peers
                 .iter()
-                .filter_map(|(r, n)| Some((n.spec.mesh_address.parse().ok()?, r.clone())))
+                .flat_map(|(r, n)| {
+                    let v6 = n.spec.mesh_address.parse::<std::net::Ipv6Addr>().ok();
+                    let v4 = n
+                        .spec
+                        .mesh_address_v4
+                        .as_ref()
+                        .and_then(|a| a.parse::<Ipv4Addr>().ok());
+                    v6.map(std::net::IpAddr::V6)
+                        .into_iter()
+                        .chain(v4.map(std::net::IpAddr::V4))
+                        .map(move |a| (a, r.clone()))
+                })
                 .collect();
         }
         if let Err(e) = mesh.reconcile(self.node.ring()) {

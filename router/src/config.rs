@@ -12,6 +12,10 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// The node API's unix socket.
     pub socket: PathBuf,
+    /// The mesh's IPv4 range (see [`crate::mesh4`]).
+    pub mesh4_range: Cidr,
+    /// The node has IPv6 turned off: the mesh runs on IPv4 addresses only.
+    pub ipv6_disabled: bool,
     /// The pod address universe shared by every node.
     pub universe: Cidr,
     /// The node bridge pods attach to.

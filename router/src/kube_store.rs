@@ -40,9 +40,11 @@ fn to_nodes(mut peers: Vec<MeshPeer>) -> Vec<Node> {
     peers
         .into_iter()
         .filter_map(|p| {
+            let mut spec = p.spec;
+            spec.created = p.metadata.creation_timestamp.map(|t| t.0.as_second());
             Some(Node {
                 name: p.metadata.name?,
-                spec: p.spec,
+                spec,
             })
         })
         .collect()

@@ -10,6 +10,7 @@ pub mod events;
 pub mod keys;
 pub mod kube_store;
 pub mod mesh;
+pub mod mesh4;
 pub mod meshpeer;
 pub mod metrics;
 pub mod mtu;

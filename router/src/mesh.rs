@@ -25,7 +25,7 @@ const MAX_DATAGRAM: usize = 65_527;
 
 /// Mesh address → ring name of every known peer: whom a gossip packet's source address speaks
 /// for. Shared by the actor (which writes it from the peer store) and the receive loop.
-pub type SenderIndex = Arc<std::sync::RwLock<BTreeMap<Ipv6Addr, PeerName>>>;
+pub type SenderIndex = Arc<std::sync::RwLock<BTreeMap<IpAddr, PeerName>>>;
 
 /// A gossip message received from a mesh peer (already authenticated by its source address).
 #[derive(Debug)]
@@ -39,7 +39,8 @@ pub struct Mesh {
     pub device: Device,
     /// The other nodes, by ring name, as the peer store last said.
     pub peers: BTreeMap<PeerName, Node>,
-    socket: Arc<UdpSocket>,
+    socket6: Option<Arc<UdpSocket>>,
+    socket4: Arc<UdpSocket>,
     /// The endpoint set for each peer at the last reconcile (see [`plan::diff`]).
     applied: plan::Applied,
     /// The device's peers as last read in full plus every change applied since, and when that
@@ -61,6 +62,106 @@ impl std::fmt::Debug for Mesh {
     }
 }
 
+/// The gossip socket of one address family, bound to the WireGuard interface: only what arrived
+/// through WireGuard — decrypted, so authenticated by the peer's key — reaches it; a packet with
+/// a spoofed mesh source from the underlay or a pod never does.
+fn bind_gossip(any: IpAddr, device: &Device) -> Result<Arc<UdpSocket>> {
+    let bind = SocketAddr::new(any, GOSSIP_PORT);
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(bind),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )
+    .map_err(crate::Error::io(
+        "creating the gossip socket",
+        format!("{bind}"),
+    ))?;
+    if any.is_ipv6() {
+        // IPv4 has its own socket.
+        socket.set_only_v6(true).map_err(crate::Error::io(
+            "creating the gossip socket",
+            format!("{bind}"),
+        ))?;
+    }
+    socket
+        .bind_device(Some(device.name().as_bytes()))
+        .map_err(crate::Error::io(
+            "binding the gossip socket to the WireGuard interface",
+            device.name(),
+        ))?;
+    socket.set_nonblocking(true).ok();
+    socket.bind(&bind.into()).map_err(crate::Error::io(
+        "binding the gossip socket",
+        format!("{bind}"),
+    ))?;
+    let socket = UdpSocket::from_std(socket.into()).map_err(crate::Error::io(
+        "binding the gossip socket",
+        format!("{bind}"),
+    ))?;
+    Ok(Arc::new(socket))
+}
+
+/// Forwards messages from known mesh addresses to `inbound`.
+async fn receive(rx: Arc<UdpSocket>, inbound: mpsc::Sender<Inbound>, peers: SenderIndex) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (n, src) = match rx.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!("gossip receive: {e}");
+                continue;
+            }
+        };
+        let Some(name) = peers.read().ok().and_then(|p| p.get(&src.ip()).cloned()) else {
+            debug!(%src, "gossip from an address that is no mesh peer: dropped");
+            continue;
+        };
+        match decode_message(&buf[..n]) {
+            Ok((from, msg)) if from == name => {
+                if inbound.send(Inbound { from, msg }).await.is_err() {
+                    return;
+                }
+            }
+            Ok((from, _)) => {
+                warn!(%src, claimed = %from, actual = %name, "gossip sender name does not match its mesh address: dropped")
+            }
+            Err(e) => warn!(%src, peer = %name, "undecodable gossip: {e}"),
+        }
+    }
+}
+
+/// A node's own mesh addresses, as its WireGuard interface carries them: the IPv6 one unless
+/// IPv6 is disabled, the IPv4 one when it has one.
+pub fn own_addresses(spec: &crate::meshpeer::MeshPeerSpec) -> Vec<IpAddr> {
+    let v6 = (!spec.ipv6_disabled)
+        .then(|| spec.mesh_address.parse::<Ipv6Addr>().ok())
+        .flatten()
+        .map(IpAddr::V6);
+    let v4 = spec
+        .mesh_address_v4
+        .as_ref()
+        .and_then(|a| a.parse::<std::net::Ipv4Addr>().ok())
+        .map(IpAddr::V4);
+    v6.into_iter().chain(v4).collect()
+}
+
+/// Where gossip to `peer` goes: its IPv6 mesh address when both ends have IPv6, else its IPv4
+/// one (already checked: see [`crate::mesh4::holders`]).
+pub fn gossip_address(me: &Node, peer: &Node) -> Option<IpAddr> {
+    let v6 = (!me.spec.ipv6_disabled && !peer.spec.ipv6_disabled)
+        .then(|| peer.spec.mesh_address.parse::<Ipv6Addr>().ok())
+        .flatten()
+        .map(IpAddr::V6);
+    v6.or_else(|| {
+        peer.spec
+            .mesh_address_v4
+            .as_ref()?
+            .parse::<std::net::Ipv4Addr>()
+            .ok()
+            .map(IpAddr::V4)
+    })
+}
+
 impl Mesh {
     /// Binds the gossip socket and starts the receive loop, which forwards messages from known
     /// mesh addresses to `inbound`.
@@ -70,57 +171,22 @@ impl Mesh {
         inbound: mpsc::Sender<Inbound>,
         peers: SenderIndex,
     ) -> Result<Mesh> {
-        let bind = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), GOSSIP_PORT);
-        let socket = UdpSocket::bind(bind).await.map_err(crate::Error::io(
-            "binding the gossip socket",
-            format!("{bind}"),
-        ))?;
-        // Only what arrived through WireGuard — decrypted, so authenticated by the peer's key —
-        // reaches the socket: a packet with a spoofed mesh source from the underlay or a pod
-        // never does.
-        socket
-            .bind_device(Some(device.name().as_bytes()))
-            .map_err(crate::Error::io(
-                "binding the gossip socket to the WireGuard interface",
-                device.name(),
-            ))?;
-        let socket = Arc::new(socket);
-        let rx = socket.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 65536];
-            loop {
-                let (n, src) = match rx.recv_from(&mut buf).await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        warn!("gossip receive: {e}");
-                        continue;
-                    }
-                };
-                let IpAddr::V6(src_ip) = src.ip() else {
-                    continue;
-                };
-                let Some(name) = peers.read().ok().and_then(|p| p.get(&src_ip).cloned()) else {
-                    debug!(%src, "gossip from an address that is no mesh peer: dropped");
-                    continue;
-                };
-                match decode_message(&buf[..n]) {
-                    Ok((from, msg)) if from == name => {
-                        if inbound.send(Inbound { from, msg }).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok((from, _)) => {
-                        warn!(%src, claimed = %from, actual = %name, "gossip sender name does not match its mesh address: dropped")
-                    }
-                    Err(e) => warn!(%src, peer = %name, "undecodable gossip: {e}"),
-                }
-            }
-        });
+        // IPv6 where the node has it; IPv4 always (nodes with IPv6 disabled gossip there).
+        let socket6 = if me.spec.ipv6_disabled {
+            None
+        } else {
+            Some(bind_gossip(IpAddr::V6(Ipv6Addr::UNSPECIFIED), &device)?)
+        };
+        let socket4 = bind_gossip(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), &device)?;
+        for rx in socket6.iter().chain([&socket4]) {
+            tokio::spawn(receive(rx.clone(), inbound.clone(), peers.clone()));
+        }
         Ok(Mesh {
             me,
             device,
             peers: BTreeMap::new(),
-            socket,
+            socket6,
+            socket4,
             applied: plan::Applied::new(),
             model: None,
         })
@@ -137,15 +203,29 @@ impl Mesh {
             .collect()
     }
 
-    /// Sends `n` an empty datagram through the tunnel: WireGuard handshakes at once. For a host
-    /// outside Kubernetes, which learns a NATed node's address only from its packets — without
-    /// a kick, only at the first keepalive, up to 25 s later.
+    fn socket_for(&self, addr: IpAddr) -> &UdpSocket {
+        match (&self.socket6, addr) {
+            (Some(s), IpAddr::V6(_)) => s,
+            _ => &self.socket4,
+        }
+    }
+
+    /// Sends host `n` an empty datagram through the tunnel (to the discard port of its first
+    /// address): WireGuard handshakes at once. A host outside Kubernetes learns a NATed node's
+    /// address only from its packets — without a kick, at the first keepalive, up to 25 s later.
     pub async fn kick(&self, n: &Node) {
-        if let Ok(addr) = n.spec.mesh_address.parse::<Ipv6Addr>() {
-            let to = SocketAddr::new(IpAddr::V6(addr), GOSSIP_PORT);
-            if let Err(e) = self.socket.send_to(&[], to).await {
-                debug!(peer = %n.name, "kicking a handshake: {e}");
-            }
+        let Some(addr) = n
+            .spec
+            .allowed_ips
+            .iter()
+            .flatten()
+            .find_map(|c| c.parse::<ipam::Cidr>().ok())
+        else {
+            return;
+        };
+        let to = SocketAddr::new(IpAddr::V4(addr.addr()), 9);
+        if let Err(e) = self.socket4.send_to(&[], to).await {
+            debug!(peer = %n.name, "kicking a handshake: {e}");
         }
     }
 
@@ -208,11 +288,7 @@ impl Mesh {
     /// Sends one gossip message. Network errors are logged (the next round retries); a message
     /// that cannot fit a datagram is an error for the caller to show: it will never be sent.
     pub async fn send(&self, me: &PeerName, to: &PeerName, msg: &Message) -> Result<(), String> {
-        let Some(addr) = self
-            .peers
-            .get(to)
-            .and_then(|n| n.spec.mesh_address.parse::<Ipv6Addr>().ok())
-        else {
+        let Some(addr) = self.peers.get(to).and_then(|n| gossip_address(&self.me, n)) else {
             debug!(peer = %to, "no mesh address for gossip target");
             return Ok(());
         };
@@ -227,8 +303,8 @@ impl Mesh {
             return Err(e);
         }
         if let Err(e) = self
-            .socket
-            .send_to(&bytes, SocketAddr::new(IpAddr::V6(addr), GOSSIP_PORT))
+            .socket_for(addr)
+            .send_to(&bytes, SocketAddr::new(addr, GOSSIP_PORT))
             .await
         {
             warn!(peer = %to, %addr, "sending gossip: {e}");

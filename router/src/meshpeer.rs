@@ -36,6 +36,22 @@ pub struct MeshPeerSpec {
     pub endpoints: Vec<Endpoint>,
     /// The node's address inside the mesh (IPv6 ULA derived from the key), used for gossip.
     pub mesh_address: String,
+    /// The node's IPv4 address inside the mesh (see `router::mesh4`): gossip with nodes that
+    /// have IPv6 disabled goes there.
+    #[serde(
+        default,
+        rename = "meshAddressV4",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mesh_address_v4: Option<String>,
+    /// The node has IPv6 disabled: gossip to it goes to its IPv4 mesh address.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ipv6_disabled: bool,
+    /// When the API server created the object (seconds; not part of the object's spec: the
+    /// store fills it from metadata). Older claims to an IPv4 mesh address win.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub created: Option<i64>,
     /// Nodes with the same location reach each other on internal endpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location: Option<String>,

@@ -133,7 +133,15 @@ impl Net {
         // Now that the node has an address in the universe, its own processes (kubelet probes,
         // hostNetwork pods, the API server) reach other nodes' pods from it: a source address
         // other nodes' WireGuard accepts and routes back.
-        mesh_routes(&net.handle, &cfg.wg_interface, cfg.universe, Some(gateway)).await?;
+        mesh_routes(
+            &net.handle,
+            &cfg.wg_interface,
+            cfg.universe,
+            Some(gateway),
+            cfg.mesh4_range,
+            !cfg.ipv6_disabled,
+        )
+        .await?;
         Ok(net)
     }
 
@@ -299,6 +307,8 @@ pub async fn mesh_routes(
     wg: &str,
     universe: Cidr,
     src: Option<Ipv4Addr>,
+    mesh4: Cidr,
+    ipv6: bool,
 ) -> Result<()> {
     let index = link_by_name(handle, wg)
         .await?
@@ -336,6 +346,23 @@ pub async fn mesh_routes(
         .execute()
         .await
         .map_err(nl(format!("routing {universe} to {wg} (src {src:?})")))?;
+    let v4 = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(mesh4.addr(), mesh4.prefix())
+        .output_interface(index)
+        .scope(RouteScope::Link)
+        .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+        .build();
+    handle
+        .route()
+        .add(v4)
+        .replace()
+        .execute()
+        .await
+        .map_err(nl(format!("routing the IPv4 mesh range {mesh4} to {wg}")))?;
+    if !ipv6 {
+        info!(%universe, %mesh4, %wg, src = ?src, "universe and IPv4 mesh range routed to WireGuard (IPv6 is disabled here)");
+        return Ok(());
+    }
     let mut prefix = [0u8; 16];
     prefix[..6].copy_from_slice(&crate::keys::MESH_PREFIX);
     let mesh = std::net::Ipv6Addr::from(prefix);
@@ -356,13 +383,13 @@ pub async fn mesh_routes(
 }
 
 /// [`mesh_routes`] on a connection of its own, for start-up (before the node owns space).
-pub async fn mesh_routes_once(wg: &str, universe: Cidr) -> Result<()> {
+pub async fn mesh_routes_once(wg: &str, universe: Cidr, mesh4: Cidr, ipv6: bool) -> Result<()> {
     let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| Error::Net {
         what: "opening netlink".into(),
         reason: e.to_string(),
     })?;
     let connection = tokio::spawn(connection);
-    let r = mesh_routes(&handle, wg, universe, None).await;
+    let r = mesh_routes(&handle, wg, universe, None, mesh4, ipv6).await;
     connection.abort();
     r
 }

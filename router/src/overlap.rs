@@ -31,14 +31,14 @@ fn overlap(a: (u32, u8), b: (u32, u8)) -> bool {
 }
 
 /// Every claim that overlaps `universe`, as a sentence naming both.
-pub fn conflicts(universe: Cidr, claims: &[Claim]) -> Vec<String> {
+pub fn conflicts(what: &str, universe: Cidr, claims: &[Claim]) -> Vec<String> {
     let u = (u32::from(universe.addr()), universe.prefix());
     claims
         .iter()
         .filter(|c| overlap(u, (u32::from(c.addr), c.prefix)))
         .map(|c| {
             format!(
-                "the pod universe {universe} overlaps {} {}/{}",
+                "{what} {universe} overlaps {} {}/{}",
                 c.what, c.addr, c.prefix
             )
         })
@@ -142,7 +142,7 @@ mod tests {
             c("address on eth2", "10.40.1.1", 24),
             c("a route via eth0", "10.48.0.0", 12),
         ];
-        let got = conflicts(u, &claims);
+        let got = conflicts("the pod universe", u, &claims);
         assert_eq!(
             got,
             vec![

@@ -186,6 +186,12 @@ pub fn desired(me: &Node, others: &[Node], ring: &Ring) -> BTreeMap<String, WgPe
                 if let Ok(addr) = n.spec.mesh_address.parse::<Ipv6Addr>() {
                     allowed.push(format!("{addr}/128"));
                 }
+                // Already checked by the caller (mesh4::holders): uncontested, from the name.
+                if let Some(addr) = n.spec.mesh_address_v4.as_ref() {
+                    if let Ok(a) = addr.parse::<std::net::Ipv4Addr>() {
+                        allowed.push(format!("{a}/32"));
+                    }
+                }
                 out.insert(
                     n.spec.public_key.clone(),
                     WgPeer {
@@ -277,6 +283,9 @@ mod tests {
                 next_public_key: None,
                 mtu: None,
                 allowed_ips: None,
+                mesh_address_v4: None,
+                ipv6_disabled: false,
+                created: None,
             },
         }
     }

@@ -114,6 +114,9 @@ mod tests {
                 next_public_key: None,
                 mtu: None,
                 allowed_ips: None,
+                mesh_address_v4: None,
+                ipv6_disabled: false,
+                created: None,
             },
         }
     }

@@ -12,7 +12,7 @@
 //! - interface, socket and threads belong to the network namespace of the thread that creates
 //!   them: create the device from a thread in the node's namespace (the router runs in it).
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::time::SystemTime;
 
 use defguard_wireguard_rs::key::Key;
@@ -118,7 +118,7 @@ pub async fn kernel_supported() -> Result<bool> {
 }
 
 /// Removes `addr` from interface `name` (gone already: fine).
-async fn remove_address(name: &str, addr: Ipv6Addr) -> Result<()> {
+async fn remove_address(name: &str, addr: IpAddr) -> Result<()> {
     use futures::TryStreamExt;
     let netlink = |what: String| move |source| Error::Netlink { what, source };
     let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| Error::Net {
@@ -134,7 +134,7 @@ async fn remove_address(name: &str, addr: Ipv6Addr) -> Result<()> {
             .address()
             .get()
             .set_link_index_filter(link.header.index)
-            .set_address_filter(IpAddr::V6(addr))
+            .set_address_filter(addr)
             .execute();
         while let Some(a) = addrs
             .try_next()
@@ -155,6 +155,14 @@ async fn remove_address(name: &str, addr: Ipv6Addr) -> Result<()> {
     result
 }
 
+/// Each address as a host prefix (/32, /128).
+fn host_masks(addrs: &[IpAddr]) -> Vec<IpAddrMask> {
+    addrs
+        .iter()
+        .map(|a| IpAddrMask::new(*a, if a.is_ipv6() { 128 } else { 32 }))
+        .collect()
+}
+
 fn to_peer(p: &WgPeer) -> Result<Peer> {
     let mut peer = Peer::new(key(&p.public_key)?);
     peer.endpoint = p.endpoint;
@@ -173,13 +181,14 @@ fn to_peer(p: &WgPeer) -> Result<Peer> {
 }
 
 impl Device {
-    /// Creates the interface `name` with our key, port and mesh address (/128), using the
-    /// kernel when it can (`prefer_kernel`) and userspace otherwise.
+    /// Creates the interface `name` with our key, port and mesh addresses (each a /128 or /32:
+    /// IPv6 unless the node has it disabled, IPv4), using the kernel when it can
+    /// (`prefer_kernel`) and userspace otherwise.
     pub async fn open(
         name: &str,
         private_key: &str,
         port: u16,
-        mesh: Ipv6Addr,
+        mesh: &[IpAddr],
         mtu: u32,
         prefer_kernel: bool,
     ) -> Result<Device> {
@@ -209,7 +218,7 @@ impl Device {
         let cfg = InterfaceConfiguration {
             name: name.to_string(),
             prvkey: private_key.to_string(),
-            addresses: vec![IpAddrMask::new(IpAddr::V6(mesh), 128)],
+            addresses: host_masks(mesh),
             port,
             peers: Vec::new(),
             mtu: Some(mtu),
@@ -219,9 +228,9 @@ impl Device {
             .ops()
             .configure_interface(&cfg)
             .map_err(wg_err(format!(
-                "configuring {name} (port {port}, {mesh}/128)"
+                "configuring {name} (port {port}, mesh addresses {mesh:?})"
             )))?;
-        info!(interface = name, backend = ?device.backend(), port, %mesh, mtu, "WireGuard interface up");
+        info!(interface = name, backend = ?device.backend(), port, ?mesh, mtu, "WireGuard interface up");
         if !kernel && prefer_kernel {
             info!("the kernel has no WireGuard (EOPNOTSUPP): using userspace WireGuard in-process");
         }
@@ -231,11 +240,16 @@ impl Device {
     /// Switches the interface to a new private key and the mesh address that goes with it
     /// (`weftctl rotate-key`). Every peer is dropped with the old key's sessions; the caller
     /// reconciles them back at once.
-    pub async fn rekey(&self, private_key: &str, mesh: Ipv6Addr, old_mesh: Ipv6Addr) -> Result<()> {
+    pub async fn rekey(
+        &self,
+        private_key: &str,
+        mesh: &[IpAddr],
+        old_mesh: &[IpAddr],
+    ) -> Result<()> {
         let cfg = InterfaceConfiguration {
             name: self.name.clone(),
             prvkey: private_key.to_string(),
-            addresses: vec![IpAddrMask::new(IpAddr::V6(mesh), 128)],
+            addresses: host_masks(mesh),
             port: self.port,
             peers: Vec::new(),
             mtu: Some(self.mtu),
@@ -244,11 +258,13 @@ impl Device {
         self.ops()
             .configure_interface(&cfg)
             .map_err(wg_err(format!(
-                "switching {} to a new key ({mesh}/128)",
+                "switching {} to a new key (mesh addresses {mesh:?})",
                 self.name
             )))?;
-        remove_address(&self.name, old_mesh).await?;
-        info!(interface = %self.name, %mesh, "WireGuard key rotated");
+        for old in old_mesh.iter().filter(|a| !mesh.contains(a)) {
+            remove_address(&self.name, *old).await?;
+        }
+        info!(interface = %self.name, ?mesh, "WireGuard key rotated");
         Ok(())
     }
 

@@ -59,13 +59,22 @@ impl Node {
                 .build()
                 .unwrap();
             let dev = rt
-                .block_on(Device::open(&ifname, &key, 51820, mesh, 1420, true))
+                .block_on(Device::open(
+                    &ifname,
+                    &key,
+                    51820,
+                    &[mesh.into()],
+                    1420,
+                    true,
+                ))
                 .unwrap();
             // Routes as the router installs them: the universe and the mesh prefix into the
             // interface (no per-peer routes; WireGuard picks the peer by AllowedIPs).
             rt.block_on(router::net::mesh_routes_once(
                 &ifname,
                 "10.32.0.0/12".parse().unwrap(),
+                router::mesh4::DEFAULT_RANGE.parse().unwrap(),
+                true,
             ))
             .unwrap();
             ready_tx.send(dev.backend()).unwrap();

@@ -106,7 +106,14 @@ pub fn hand_built(prefix: &str, mtu: u32, secs: u32) -> Result<f64> {
                     let rt = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()?;
-                    let dev = rt.block_on(Device::open(&ifname, &key, 51820, mesh, mtu, false))?;
+                    let dev = rt.block_on(Device::open(
+                        &ifname,
+                        &key,
+                        51820,
+                        &[mesh.into()],
+                        mtu,
+                        false,
+                    ))?;
                     dev.apply(&[Change::Add(peer)])?;
                     netns::ip(&["addr", "add", &addr, "dev", &ifname])?;
                     Ok(dev)

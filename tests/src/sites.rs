@@ -3,12 +3,12 @@
 //!
 //! ```text
 //!   <prefix>-sw     the wires, all in one namespace (so one capture sees every packet):
-//!                   bridge wan0 (198.18.0.0/24, MTU 1500) and one bridge lan<k> per site
-//!   <prefix>-gw<k>  site k's gateway: `wan` 198.18.0.k, `lan` 10.99.k.1/24 (the site's MTU);
-//!                   public site: forwards UDP 51820+i on 198.18.0.k to node i (a cloud's
+//!                   bridge wan0 (203.0.113.0/24, MTU 1500) and one bridge lan<k> per site
+//!   <prefix>-gw<k>  site k's gateway: `wan` 203.0.113.k, `lan` 10.99.k.1/24 (the site's MTU);
+//!                   public site: forwards UDP 51820+i on 203.0.113.k to node i (a cloud's
 //!                   public IPs), NAT site: masquerade out, nothing in
 //!   <prefix>-node<i> on lan<k> with eth0 10.99.k.(10+i)/24, default route via 10.99.k.1
-//!   <prefix>-host   a machine outside Kubernetes on the WAN: 198.18.0.100
+//!   <prefix>-host   a machine outside Kubernetes on the WAN: 203.0.113.100
 //! ```
 
 use anyhow::{bail, Context, Result};
@@ -19,7 +19,7 @@ use crate::netns::{self, ip};
 /// The MTU of site k's network (1-based): sites differ, so path MTU matters.
 const SITE_MTUS: [u32; 3] = [1500, 1400, 1380];
 /// The WAN address of the lab's non-Kubernetes host.
-pub const HOST_WAN_IP: &str = "198.18.0.100";
+pub const HOST_WAN_IP: &str = "203.0.113.100";
 /// The NAT's source ports at first; a rebind moves them elsewhere.
 pub const NAT_PORTS: &str = "10000-19999";
 
@@ -29,10 +29,13 @@ pub struct Site {
     pub nodes: usize,
     pub nat: bool,
     pub mtu: u32,
+    /// The site's nodes have IPv6 turned off (sysctl): the mesh runs on IPv4 there.
+    #[serde(default)]
+    pub no_ipv6: bool,
 }
 
-/// Parses `a:2,b:2,c:1` with the NATed sites `nat`.
-pub fn parse(sites: &str, nat: &[String]) -> Result<Vec<Site>> {
+/// Parses `a:2,b:2,c:1` with the NATed sites `nat` and those whose nodes have IPv6 off.
+pub fn parse(sites: &str, nat: &[String], no_ipv6: &[String]) -> Result<Vec<Site>> {
     let mut out: Vec<Site> = Vec::new();
     for (k, part) in sites.split(',').enumerate() {
         let (name, n) = part
@@ -52,10 +55,13 @@ pub fn parse(sites: &str, nat: &[String]) -> Result<Vec<Site>> {
             nodes,
             nat: nat.iter().any(|n| n == name),
             mtu: SITE_MTUS.get(k).copied().unwrap_or(1360),
+            no_ipv6: no_ipv6.iter().any(|n| n == name),
         });
     }
-    if let Some(n) = nat.iter().find(|n| !out.iter().any(|s| &s.name == *n)) {
-        bail!("--nat {n}: no such site in --sites {sites}");
+    for (flag, names) in [("--nat", nat), ("--no-ipv6", no_ipv6)] {
+        if let Some(n) = names.iter().find(|n| !out.iter().any(|s| &s.name == *n)) {
+            bail!("{flag} {n}: no such site in --sites {sites}");
+        }
     }
     if out.len() > 9 {
         bail!("--sites: at most 9 sites");
@@ -68,7 +74,7 @@ fn gw_ns(prefix: &str, k: usize) -> String {
 }
 
 pub fn wan_ip(k: usize) -> String {
-    format!("198.18.0.{k}")
+    format!("203.0.113.{k}")
 }
 
 /// The NAT rules of a NATed site: masquerade to `ports`, and no new connection in.
@@ -80,7 +86,7 @@ fn nat_rules(ports: &str) -> String {
     )
 }
 
-/// A public site's gateway: node i's WireGuard at 198.18.0.k:(51820+i), and masquerade out.
+/// A public site's gateway: node i's WireGuard at 203.0.113.k:(51820+i), and masquerade out.
 fn public_rules(node_ips: &[(usize, String)]) -> String {
     let forwards: String = node_ips
         .iter()
@@ -217,6 +223,12 @@ pub fn add_node(prefix: &str, sites: &[Site], i: usize) -> Result<(String, Strin
     let underlay_ip = format!("10.99.{k}.{}", 10 + i);
     let mtu = site.mtu.to_string();
     netns::add(&ns)?;
+    if site.no_ipv6 {
+        for scope in ["all", "default"] {
+            let key = format!("net.ipv6.conf.{scope}.disable_ipv6=1");
+            netns::exec(&ns, &["sysctl", "-qw", &key])?;
+        }
+    }
     let port = format!("node{i}");
     ip(&[
         "-n", &sw, "link", "add", &port, "mtu", &mtu, "type", "veth", "peer", "name", "eth0",
@@ -349,7 +361,8 @@ mod tests {
 
     #[test]
     fn sites_parse_and_place_nodes() {
-        let s = parse("a:2,b:2,c:1", &["b".into(), "c".into()]).unwrap();
+        let s = parse("a:2,b:2,c:1", &["b".into(), "c".into()], &["c".into()]).unwrap();
+        assert!(s[2].no_ipv6 && !s[1].no_ipv6);
         assert_eq!(
             s.iter().map(|s| (s.nat, s.mtu)).collect::<Vec<_>>(),
             [(false, 1500), (true, 1400), (true, 1380)]
@@ -358,8 +371,9 @@ mod tests {
         assert_eq!(site_of(&s, 3).unwrap().0, 2);
         assert_eq!(site_of(&s, 5).unwrap().1.name, "c");
         assert!(site_of(&s, 6).is_none());
-        assert!(parse("a:2", &["z".into()]).is_err());
-        assert!(parse("a:x", &[]).is_err());
-        assert!(parse("a:1,a:1", &[]).is_err());
+        assert!(parse("a:2", &["z".into()], &[]).is_err());
+        assert!(parse("a:2", &[], &["z".into()]).is_err());
+        assert!(parse("a:x", &[], &[]).is_err());
+        assert!(parse("a:1,a:1", &[], &[]).is_err());
     }
 }

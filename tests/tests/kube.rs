@@ -197,6 +197,9 @@ async fn meshpeer_crd_installs_validates_and_takes_server_side_apply() {
         next_public_key: None,
         mtu: None,
         allowed_ips: None,
+        mesh_address_v4: None,
+        ipv6_disabled: false,
+        created: None,
     };
     let pp = kube::api::PatchParams::apply("weft-router").force();
     let mp = MeshPeer::new("node1", spec.clone());
@@ -271,6 +274,9 @@ async fn kube_peer_store_works_for_a_router_with_weft_rbac_only() {
         next_public_key: None,
         mtu: None,
         allowed_ips: None,
+        mesh_address_v4: None,
+        ipv6_disabled: false,
+        created: None,
     };
     let k1 = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
     let k2 = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";

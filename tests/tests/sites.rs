@@ -94,7 +94,7 @@ fn handshakes(lab: &Lab, n: usize) -> std::collections::BTreeMap<String, u64> {
 fn nodes_join_across_nats_sites_and_mtus() {
     let prefix = format!("st{}", std::process::id() % 100_000);
     let dir = std::env::temp_dir().join(format!("weft-test-{prefix}"));
-    let layout = sites::parse("a:2,b:2,c:1", &["b".into(), "c".into()]).unwrap();
+    let layout = sites::parse("a:2,b:2,c:1", &["b".into(), "c".into()], &["c".into()]).unwrap();
     let lab = Lab::up_sites(&dir, &prefix, layout, 1).unwrap_or_else(|e| {
         let _ = Lab::down(&dir, &prefix);
         panic!("lab up: {e:#}")
@@ -148,6 +148,28 @@ fn nodes_join_across_nats_sites_and_mtus() {
     assert!(k3.contains(&("node5".into(), "none".into(), "via node1".into())));
     let peers = weftctl(&t.lab, 2, &["peers"]);
     assert!(!peers.contains("PROBLEM"), "{peers}");
+
+    // Site c has IPv6 turned off: node5's mesh runs on its IPv4 mesh address, and it got its
+    // ranges by gossip over it.
+    let n5 = &t.lab.nodes[4];
+    let addrs = netns::exec(
+        &n5.netns,
+        &["ip", "addr", "show", n5.wg_interface.as_deref().unwrap()],
+    )
+    .unwrap();
+    assert!(!addrs.contains("inet6"), "{addrs}");
+    let spec: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(t.dir.join("peers/meshpeers/node5.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(spec["ipv6Disabled"], true, "{spec}");
+    let owned = weftctl(&t.lab, 4, &["status"]);
+    println!(
+        "node5 (IPv6 disabled): mesh address {}, {}",
+        spec["meshAddressV4"],
+        owned.lines().find(|l| l.starts_with("owns")).unwrap_or("")
+    );
+    assert!(owned.contains("owns      10."), "{owned}");
 
     // MTU: the smallest path (site c's 1380) less 60, on every node and pod; a full-size
     // packet that may not be fragmented crosses every pair.

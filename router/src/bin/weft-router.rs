@@ -101,6 +101,10 @@ struct Args {
     /// Namespace of weft's own objects (the ring's seed Lease): the DaemonSet's.
     #[arg(long, env = "POD_NAMESPACE", default_value = router::seed::SEED_NAMESPACE)]
     namespace: String,
+    /// The mesh's IPv4 range: each node claims one address of it, for gossip with nodes that
+    /// have IPv6 disabled. Must not overlap the universe or the nodes' networks.
+    #[arg(long, env = "WEFT_MESH_IPV4_RANGE", default_value = router::mesh4::DEFAULT_RANGE)]
+    mesh_ipv4_range: String,
     /// Use userspace WireGuard even if the kernel has it.
     #[arg(long)]
     userspace_wireguard: bool,
@@ -277,10 +281,21 @@ async fn refuse_overlaps(cfg: &Config, service_cidr: Option<&str>) -> Result<()>
             prefix: c.prefix(),
         });
     }
-    let conflicts = router::overlap::conflicts(cfg.universe, &claims);
+    let conflicts = router::overlap::conflicts("the pod universe", cfg.universe, &claims);
     anyhow::ensure!(
         conflicts.is_empty(),
         "refusing to start, nothing was changed: {}; choose a free block for --universe (WEFT_UNIVERSE)",
+        conflicts.join("; ")
+    );
+    claims.push(router::overlap::Claim {
+        what: "the pod universe".into(),
+        addr: cfg.universe.addr(),
+        prefix: cfg.universe.prefix(),
+    });
+    let conflicts = router::overlap::conflicts("the IPv4 mesh range", cfg.mesh4_range, &claims);
+    anyhow::ensure!(
+        conflicts.is_empty(),
+        "refusing to start, nothing was changed: {}; choose a free block for --mesh-ipv4-range (WEFT_MESH_IPV4_RANGE)",
         conflicts.join("; ")
     );
     Ok(())
@@ -346,7 +361,10 @@ async fn main() -> Result<()> {
         mtu: default_link_mtu(),
         v6: a.endpoint.is_some_and(|e| e.is_ipv6()),
     };
+    let mesh4_range: Cidr = a.mesh_ipv4_range.parse().context("--mesh-ipv4-range")?;
     let cfg = Config {
+        mesh4_range,
+        ipv6_disabled: router::mesh4::ipv6_disabled(),
         node: a.node,
         state_dir: a.state_dir,
         socket: a.socket,
@@ -452,16 +470,6 @@ async fn main() -> Result<()> {
     }
     store.save(&node)?;
 
-    let device = Device::open(
-        &a.wg_interface,
-        &identity.private_base64(),
-        a.wg_port,
-        identity.mesh_address(),
-        cfg.mtu,
-        !a.userspace_wireguard,
-    )
-    .await?;
-    router::net::mesh_routes_once(&a.wg_interface, cfg.universe).await?;
     let mut placement = Placement {
         internal: a.endpoint,
         external: a.external_endpoint,
@@ -492,13 +500,37 @@ async fn main() -> Result<()> {
         next_public_key: None,
         mtu: Some(cfg.link.mtu),
         allowed_ips: None,
+        mesh_address_v4: None,
+        ipv6_disabled: cfg.ipv6_disabled,
+        created: None,
     };
     let peers = match &kube {
         Some(client) => PeerStoreKind::Kube(Box::new(KubeStore::new(client.clone()))),
         None => PeerStoreKind::Dir(DirStore::new(&cfg.peers_dir)?),
     };
+    // Our IPv4 mesh address: the one we hold, else our first candidate no one holds.
+    let known = peers.snapshot().await.unwrap_or_default();
+    let mesh4 = router::mesh4::pick(&cfg.node, me.as_str(), &known, cfg.mesh4_range);
+    let mut me_spec = me_spec;
+    me_spec.mesh_address_v4 = Some(mesh4.to_string());
+    let device = Device::open(
+        &a.wg_interface,
+        &identity.private_base64(),
+        a.wg_port,
+        &router::mesh::own_addresses(&me_spec),
+        cfg.mtu,
+        !a.userspace_wireguard,
+    )
+    .await?;
+    router::net::mesh_routes_once(
+        &a.wg_interface,
+        cfg.universe,
+        cfg.mesh4_range,
+        !cfg.ipv6_disabled,
+    )
+    .await?;
     peers.publish(&cfg.node, &me_spec).await?;
-    info!(key = %identity.public_base64(), mesh = %identity.mesh_address(), endpoints = ?placement.endpoints(), location = ?placement.location, behind_nat = placement.behind_nat(), "published MeshPeer");
+    info!(key = %identity.public_base64(), mesh = %identity.mesh_address(), %mesh4, ipv6 = !me_spec.ipv6_disabled, endpoints = ?placement.endpoints(), location = ?placement.location, behind_nat = placement.behind_nat(), "published MeshPeer");
     let (inbound_tx, mut inbound_rx) = tokio::sync::mpsc::channel(256);
     let index = Arc::new(RwLock::new(BTreeMap::new()));
     let me_node_name = cfg.node.clone();

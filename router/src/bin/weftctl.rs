@@ -197,6 +197,9 @@ fn host_spec(
         next_public_key: None,
         mtu: None,
         allowed_ips: Some(allowed_ips.to_vec()),
+        mesh_address_v4: None,
+        ipv6_disabled: false,
+        created: None,
     })
 }
 

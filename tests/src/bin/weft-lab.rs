@@ -56,6 +56,9 @@ enum Top {
         /// Sites behind their own NAT (masquerade out, nothing in), e.g. `b,c`.
         #[arg(long, value_delimiter = ',', requires = "sites")]
         nat: Vec<String>,
+        /// Sites whose nodes have IPv6 turned off (the mesh runs on IPv4 there), e.g. `c`.
+        #[arg(long, value_delimiter = ',', requires = "sites")]
+        no_ipv6: Vec<String>,
     },
     /// Nodes, their sockets and CNI files, and pods with their addresses.
     Status {
@@ -211,12 +214,13 @@ async fn main() -> Result<()> {
             store,
             sites,
             nat,
+            no_ipv6,
             ..
         } => {
             prereq::require(prereq::LAB);
             let lab = match sites {
                 Some(sites) => {
-                    let sites = weft_tests::sites::parse(&sites, &nat)?;
+                    let sites = weft_tests::sites::parse(&sites, &nat, &no_ipv6)?;
                     Lab::up_sites(&lab_dir, &cli.prefix, sites, pods_per_node)?
                 }
                 None => Lab::up_with(&lab_dir, &cli.prefix, nodes, pods_per_node, &store)?,
