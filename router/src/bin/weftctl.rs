@@ -78,7 +78,7 @@ enum Cmd {
         #[arg(value_parser = ["node", "peer"], requires = "name")]
         kind: Option<String>,
         name: Option<String>,
-        /// For a host: where it keeps its private key (default /etc/wireguard/<name>.key).
+        /// For a host: where it keeps its private key (default `/etc/wireguard/<name>.key`).
         #[arg(long)]
         private_key_file: Option<String>,
     },
