@@ -424,14 +424,11 @@ impl Actor {
                         .collect()
                 })
                 .unwrap_or_default(),
-            backend: match &self.mesh {
-                Some(m) => match m.device.backend() {
-                    crate::wg::Backend::Kernel => "kernel",
-                    crate::wg::Backend::Userspace => "userspace",
-                },
-                None => "none",
-            }
-            .into(),
+            backend: self
+                .mesh
+                .as_ref()
+                .map_or("none", |m| m.device.backend().as_str())
+                .into(),
             universe: self.cfg.universe.to_string(),
             bridge: self.cfg.bridge.clone(),
             gateway: self.gateway(),

@@ -29,11 +29,50 @@ use crate::{Error, Result};
 /// Which implementation runs the interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
-    /// The kernel's WireGuard module.
+    /// The kernel's WireGuard module: the interface outlives the router, which adopts it again.
     Kernel,
-    /// boringtun threads inside this process.
+    /// boringtun threads inside this process: the interface goes with the process.
+    Userspace,
+    /// A `wireguard-go` process of its own, configured through its UAPI socket: it outlives the
+    /// router, which adopts it again.
+    External,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Kernel => "kernel",
+            Backend::Userspace => "userspace",
+            Backend::External => "external",
+        }
+    }
+}
+
+/// What the administrator asked for (`--wireguard`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    /// The kernel's where it has WireGuard, else in-process userspace.
+    Auto,
+    Kernel,
+    External,
     Userspace,
 }
+
+impl std::str::FromStr for Choice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Choice, String> {
+        Ok(match s {
+            "auto" => Choice::Auto,
+            "kernel" => Choice::Kernel,
+            "external" => Choice::External,
+            "userspace" => Choice::Userspace,
+            _ => return Err(format!("{s:?}: want auto, kernel, external or userspace")),
+        })
+    }
+}
+
+/// The userspace implementation run as an external process.
+pub const EXTERNAL_PROGRAM: &str = "wireguard-go";
 
 enum Api {
     Kernel(WGApi<Kernel>),
@@ -53,6 +92,7 @@ pub struct PeerState {
 pub struct Device {
     name: String,
     api: Api,
+    backend: Backend,
     port: u16,
     mtu: u32,
 }
@@ -115,6 +155,104 @@ pub async fn kernel_supported() -> Result<bool> {
     };
     conn.abort();
     out
+}
+
+/// Whether two private keys (base64) are one: implementations keep them clamped (x25519), the
+/// key file may not be.
+fn same_private_key(a: &str, b: &str) -> bool {
+    let clamp = |k: &str| -> Option<[u8; 32]> {
+        let mut k = key(k).ok()?.as_array();
+        k[0] &= 248;
+        k[31] &= 127;
+        k[31] |= 64;
+        Some(k)
+    };
+    clamp(a).is_some_and(|a| Some(a) == clamp(b))
+}
+
+/// Whether a link called `name` exists.
+async fn link_exists(name: &str) -> Result<bool> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| Error::Net {
+        what: "opening netlink".into(),
+        reason: e.to_string(),
+    })?;
+    let conn = tokio::spawn(conn);
+    let found = crate::net::link_by_name(&handle, name).await;
+    conn.abort();
+    Ok(found?.is_some())
+}
+
+/// Brings link `name` up (an external process's TUN device starts down).
+async fn set_up(name: &str) -> Result<()> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| Error::Net {
+        what: "opening netlink".into(),
+        reason: e.to_string(),
+    })?;
+    let conn = tokio::spawn(conn);
+    let result = async {
+        let link = crate::net::link_by_name(&handle, name)
+            .await?
+            .ok_or_else(|| Error::Net {
+                what: format!("bringing {name} up"),
+                reason: "no such interface".into(),
+            })?;
+        handle
+            .link()
+            .set(
+                rtnetlink::LinkUnspec::new_with_index(link.header.index)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|source| Error::Netlink {
+                what: format!("bringing {name} up"),
+                source,
+            })
+    }
+    .await;
+    conn.abort();
+    result
+}
+
+/// Starts `wireguard-go <name>` (it detaches and lives on after this process) and waits until
+/// its UAPI socket answers. A stale socket file (its process gone) is removed first.
+async fn start_external(name: &str) -> Result<()> {
+    let socket = format!("/var/run/wireguard/{name}.sock");
+    let _ = std::fs::remove_file(&socket);
+    let fail = |reason: String| Error::Net {
+        what: format!("starting {EXTERNAL_PROGRAM} {name}"),
+        reason,
+    };
+    let out = tokio::process::Command::new(EXTERNAL_PROGRAM)
+        .arg(name)
+        // The process must not die with the router's log pipe.
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .await
+        .map_err(|e| fail(format!("{e} (apt-get install wireguard-go)")))?;
+    if !out.status.success() {
+        return Err(fail(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    for _ in 0..100 {
+        let n = name.to_string();
+        if tokio::task::spawn_blocking(move || userspace_alive(&n))
+            .await
+            .unwrap_or(false)
+        {
+            info!(
+                interface = name,
+                "started {EXTERNAL_PROGRAM}: it outlives this router"
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Err(fail(format!("{socket} did not answer within 5 s")))
 }
 
 /// Removes `addr` from interface `name` (gone already: fine).
@@ -190,31 +328,99 @@ impl Device {
         port: u16,
         mesh: &[IpAddr],
         mtu: u32,
-        prefer_kernel: bool,
+        choice: Choice,
     ) -> Result<Device> {
-        let kernel = prefer_kernel && kernel_supported().await?;
-        let mut api = if kernel {
-            Api::Kernel(
+        let backend = match choice {
+            Choice::Auto if kernel_supported().await? => Backend::Kernel,
+            Choice::Auto | Choice::Userspace => Backend::Userspace,
+            Choice::Kernel if kernel_supported().await? => Backend::Kernel,
+            Choice::Kernel => {
+                return Err(Error::Net {
+                    what: format!("creating kernel WireGuard interface {name}"),
+                    reason: "this kernel has no WireGuard (EOPNOTSUPP): use --wireguard external \
+                             or userspace"
+                        .into(),
+                })
+            }
+            Choice::External => Backend::External,
+        };
+        let adopted = match backend {
+            Backend::Kernel => link_exists(name).await?,
+            Backend::External => {
+                let alive = {
+                    let n = name.to_string();
+                    tokio::task::spawn_blocking(move || userspace_alive(&n))
+                        .await
+                        .unwrap_or(false)
+                };
+                if !alive {
+                    start_external(name).await?;
+                }
+                alive
+            }
+            Backend::Userspace => false,
+        };
+        let mut api = match backend {
+            Backend::Kernel => Api::Kernel(
                 WGApi::<Kernel>::new(name)
                     .map_err(wg_err(format!("opening kernel WireGuard {name}")))?,
-            )
-        } else {
-            Api::Userspace(
+            ),
+            Backend::Userspace | Backend::External => Api::Userspace(
                 WGApi::<Userspace>::new(name)
                     .map_err(wg_err(format!("opening userspace WireGuard {name}")))?,
-            )
+            ),
         };
-        let create = match &mut api {
-            Api::Kernel(a) => a.create_interface(),
-            Api::Userspace(a) => a.create_interface(),
-        };
-        create.map_err(wg_err(format!("creating WireGuard interface {name}")))?;
+        match (&mut api, backend) {
+            (Api::Kernel(a), _) if !adopted => a
+                .create_interface()
+                .map_err(wg_err(format!("creating WireGuard interface {name}")))?,
+            (Api::Userspace(a), Backend::Userspace) => a
+                .create_interface()
+                .map_err(wg_err(format!("creating WireGuard interface {name}")))?,
+            _ => {}
+        }
         let device = Device {
             name: name.to_string(),
             api,
+            backend,
             port,
             mtu,
         };
+        // An interface left by the previous router keeps its peers and sessions when it has our
+        // key and port: configuring it again would replace every peer (and drop the flows).
+        let found = if adopted {
+            device
+                .ops()
+                .read_interface_data()
+                .map_err(|e| e.to_string())
+        } else {
+            Err("not adopted".into())
+        };
+        let same = found.as_ref().is_ok_and(|h| {
+            h.listen_port == port
+                && h.private_key
+                    .as_ref()
+                    .is_some_and(|k| same_private_key(&k.to_string(), private_key))
+        });
+        if same {
+            set_up(name).await?;
+            info!(
+                interface = name,
+                backend = backend.as_str(),
+                port,
+                ?mesh,
+                "adopted the WireGuard interface the previous router left: peers and sessions kept"
+            );
+            return Ok(device);
+        }
+        if adopted {
+            let seen = found.map(|h| (h.listen_port, h.private_key.is_some()));
+            warn!(
+                interface = name,
+                ?seen,
+                "the WireGuard interface left here has another key or port: configuring it afresh"
+            );
+        }
         let cfg = InterfaceConfiguration {
             name: name.to_string(),
             prvkey: private_key.to_string(),
@@ -230,8 +436,16 @@ impl Device {
             .map_err(wg_err(format!(
                 "configuring {name} (port {port}, mesh addresses {mesh:?})"
             )))?;
-        info!(interface = name, backend = ?device.backend(), port, ?mesh, mtu, "WireGuard interface up");
-        if !kernel && prefer_kernel {
+        set_up(name).await?;
+        info!(
+            interface = name,
+            backend = backend.as_str(),
+            port,
+            ?mesh,
+            mtu,
+            "WireGuard interface up"
+        );
+        if backend == Backend::Userspace && choice == Choice::Auto {
             info!("the kernel has no WireGuard (EOPNOTSUPP): using userspace WireGuard in-process");
         }
         Ok(device)
@@ -280,10 +494,7 @@ impl Device {
     }
 
     pub fn backend(&self) -> Backend {
-        match self.api {
-            Api::Kernel(_) => Backend::Kernel,
-            Api::Userspace(_) => Backend::Userspace,
-        }
+        self.backend
     }
 
     /// The peers as the device has them, in the plan's terms (for [`crate::plan::diff`]).
@@ -327,11 +538,11 @@ impl Device {
         for change in changes {
             match change {
                 Change::Add(p) => self.add(p)?,
-                // The kernel updates a peer in place (replace_allowed_ips): its session and the
-                // endpoint it roamed to stay. boringtun cannot modify a peer (it asserts), so
+                // The kernel and wireguard-go update a peer in place (replace_allowed_ips): its
+                // session and the endpoint it roamed to stay. boringtun cannot modify a peer (it asserts), so
                 // there an update is remove + add: a new session, one handshake (packets wait
                 // in its queue meanwhile).
-                Change::Update(p) if self.backend() == Backend::Kernel => self.add(p)?,
+                Change::Update(p) if self.backend() != Backend::Userspace => self.add(p)?,
                 Change::Update(p) => {
                     self.remove(&p.public_key)?;
                     self.add(p)?;
@@ -384,6 +595,12 @@ pub fn userspace_alive(name: &str) -> bool {
 
 impl Drop for Device {
     fn drop(&mut self) {
+        // Kernel and external interfaces outlive the router: the next one adopts them, and pods
+        // keep talking meanwhile (`weftctl reset` removes them for good).
+        if self.backend != Backend::Userspace {
+            info!(interface = %self.name, backend = self.backend.as_str(), "leaving the WireGuard interface up for the next router");
+            return;
+        }
         // For userspace, dropping the handle is what removes the link; remove_interface reports
         // a harmless DNS error on hosts without resolvconf.
         if let Err(e) = self.ops().remove_interface() {

@@ -65,7 +65,7 @@ impl Node {
                     51820,
                     &[mesh.into()],
                     1420,
-                    true,
+                    router::wg::Choice::Auto,
                 ))
                 .unwrap();
             // Routes as the router installs them: the universe and the mesh prefix into the

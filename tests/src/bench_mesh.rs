@@ -55,8 +55,114 @@ pub fn iperf(server_ns: &str, client_ns: &str, server_ip: &str, secs: u32) -> Re
     Ok(bps / 1e9)
 }
 
-/// A userspace WireGuard tunnel built by hand between two fresh namespaces (the reference for
-/// `bench throughput`): same implementation (weft's Device), same MTU, nothing else.
+/// A wireguard-go tunnel built by hand with `wireguard-go`, `wg` and `ip` between two fresh
+/// namespaces (a reference for `bench throughput`): same MTU, no bridge, no pod veth, no router.
+pub fn hand_built_wireguard_go(prefix: &str, mtu: u32, secs: u32) -> Result<f64> {
+    let (a, b) = (format!("{prefix}-ga"), format!("{prefix}-gb"));
+    let cleanup = || {
+        for ns in [&a, &b] {
+            netns::kill_all(ns);
+            let _ = netns::delete(ns);
+        }
+    };
+    cleanup();
+    let result = (|| -> Result<f64> {
+        let keydir = std::env::temp_dir().join(format!("{prefix}-wggo-keys"));
+        std::fs::create_dir_all(&keydir)?;
+        let mut pubs = Vec::new();
+        for i in 0..2 {
+            let key = keydir.join(format!("k{i}"));
+            let out = Command::new("wg").arg("genkey").output()?;
+            std::fs::write(&key, &out.stdout)?;
+            let mut p = Command::new("wg")
+                .arg("pubkey")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()?;
+            std::io::Write::write_all(&mut p.stdin.take().context("stdin")?, &out.stdout)?;
+            pubs.push(
+                String::from_utf8(p.wait_with_output()?.stdout)?
+                    .trim()
+                    .to_string(),
+            );
+        }
+        netns::add(&a)?;
+        netns::add(&b)?;
+        netns::ip(&[
+            "-n", &a, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &b,
+        ])?;
+        for (i, ns) in [&a, &b].into_iter().enumerate() {
+            let (me, other) = (i + 1, 2 - i);
+            let ifname = format!("{prefix}g{i}");
+            netns::ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("10.98.7.{me}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            netns::ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+            netns::exec(ns, &["wireguard-go", &ifname])?;
+            let key = keydir.join(format!("k{i}"));
+            netns::exec(
+                ns,
+                &[
+                    "wg",
+                    "set",
+                    &ifname,
+                    "private-key",
+                    &key.to_string_lossy(),
+                    "listen-port",
+                    "51820",
+                    "peer",
+                    &pubs[1 - i],
+                    "endpoint",
+                    &format!("10.98.7.{other}:51820"),
+                    "allowed-ips",
+                    &format!("10.97.0.{other}/32"),
+                ],
+            )?;
+            netns::ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("10.97.0.{me}/32"),
+                "dev",
+                &ifname,
+            ])?;
+            netns::ip(&[
+                "-n",
+                ns,
+                "link",
+                "set",
+                &ifname,
+                "mtu",
+                &mtu.to_string(),
+                "up",
+            ])?;
+            netns::ip(&[
+                "-n",
+                ns,
+                "route",
+                "add",
+                &format!("10.97.0.{other}/32"),
+                "dev",
+                &ifname,
+            ])?;
+        }
+        let _ = std::fs::remove_dir_all(&keydir);
+        iperf(&b, &a, "10.97.0.2", secs)
+    })();
+    cleanup();
+    result
+}
+
+/// A userspace WireGuard tunnel built by hand between two fresh namespaces (a reference for
+/// `bench throughput`): the same implementation as weft's in-process one (its Device), the same
+/// MTU, no bridge, no pod veth, no router.
 pub fn hand_built(prefix: &str, mtu: u32, secs: u32) -> Result<f64> {
     use router::keys::Identity;
     use router::plan::{Change, WgPeer};
@@ -98,6 +204,7 @@ pub fn hand_built(prefix: &str, mtu: u32, secs: u32) -> Result<f64> {
                 keepalive: None,
             };
             let (ifname, addr) = (format!("{prefix}h{i}"), format!("10.97.0.{}/32", i + 1));
+            let peer_ip = format!("10.97.0.{}/32", 2 - i);
             let (ready, stop) = (ready_tx.clone(), stop_rx.clone());
             threads.push(std::thread::spawn(move || {
                 let run = || -> Result<Device> {
@@ -112,10 +219,11 @@ pub fn hand_built(prefix: &str, mtu: u32, secs: u32) -> Result<f64> {
                         51820,
                         &[mesh.into()],
                         mtu,
-                        false,
+                        router::wg::Choice::Userspace,
                     ))?;
                     dev.apply(&[Change::Add(peer)])?;
                     netns::ip(&["addr", "add", &addr, "dev", &ifname])?;
+                    netns::ip(&["route", "add", &peer_ip, "dev", &ifname])?;
                     Ok(dev)
                 };
                 match run() {
@@ -127,8 +235,8 @@ pub fn hand_built(prefix: &str, mtu: u32, secs: u32) -> Result<f64> {
                     Err(e) => drop(ready.send(Err(format!("{e:#}")))),
                 }
             }));
-        }
-        for _ in 0..2 {
+            // One at a time: the WireGuard library's netlink calls are not safe from two
+            // namespaces at once in one process (a router is one process per namespace).
             ready_rx
                 .recv_timeout(Duration::from_secs(20))
                 .context("hand-built tunnel")?
@@ -146,20 +254,34 @@ pub fn hand_built(prefix: &str, mtu: u32, secs: u32) -> Result<f64> {
     result
 }
 
-/// weft pod to pod across two lab nodes, then the hand-built tunnel; (weft, reference) Gbit/s.
-pub fn throughput(dir: &Path, prefix: &str, secs: u32) -> Result<(f64, f64)> {
-    let result = (|| -> Result<f64> {
-        let lab = Lab::up(dir, prefix, 2, 1)?;
-        check::converge(&lab, Duration::from_secs(20))?;
-        let (a, b) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
-        iperf(&b.netns, &a.netns, &b.ip, secs)
-    })();
-    let cleanup = Lab::down(dir, prefix);
-    let weft = result?;
-    cleanup?;
-    let reference = hand_built(prefix, 1440, secs)?;
-    if reference <= 0.0 {
-        bail!("the hand-built tunnel carried nothing");
+/// weft pod to pod across two lab nodes on each userspace backend, then hand-built tunnels of
+/// the same implementations; each as (name, Gbit/s), weft's first.
+pub fn throughput(dir: &Path, prefix: &str, secs: u32) -> Result<Vec<(String, f64)>> {
+    let mut out = Vec::new();
+    for (name, backend) in [("external", "external"), ("in-process", "userspace")] {
+        let result = (|| -> Result<f64> {
+            let lab = Lab::up_with_env(dir, prefix, 2, 1, "dir", &[("WEFT_WIREGUARD", backend)])?;
+            check::converge(&lab, Duration::from_secs(20))?;
+            let (a, b) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
+            iperf(&b.netns, &a.netns, &b.ip, secs)
+        })();
+        let cleanup = Lab::down(dir, prefix);
+        out.push((
+            format!("weft pod -> pod, {name} WireGuard"),
+            result.with_context(|| format!("weft on {name} WireGuard"))?,
+        ));
+        cleanup?;
     }
-    Ok((weft, reference))
+    let refs: [(&str, fn(&str, u32, u32) -> Result<f64>); 2] = [
+        ("wireguard-go", hand_built_wireguard_go),
+        ("boringtun", hand_built),
+    ];
+    for (name, run) in refs {
+        let gbps = run(prefix, 1440, secs).with_context(|| format!("hand-built {name} tunnel"))?;
+        if gbps <= 0.0 {
+            bail!("the hand-built {name} tunnel carried nothing");
+        }
+        out.push((format!("hand-built {name} tunnel"), gbps));
+    }
+    Ok(out)
 }

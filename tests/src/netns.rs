@@ -66,18 +66,38 @@ pub fn exists(ns: &str) -> bool {
     std::path::Path::new("/run/netns").join(ns).exists()
 }
 
-/// Kills (SIGKILL) every process in `ns`, if any.
+/// Stops every process in `ns`, if any: SIGTERM (a wireguard-go removes its socket then), and
+/// SIGKILL for what is left after a second.
 pub fn kill_all(ns: &str) {
-    let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() else {
-        return;
+    let pids = || -> Vec<nix::unistd::Pid> {
+        Command::new("ip")
+            .args(["netns", "pids", ns])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .map(nix::unistd::Pid::from_raw)
+                    .collect()
+            })
+            .unwrap_or_default()
     };
-    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-        if let Ok(pid) = pid.parse::<i32>() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+    use nix::sys::signal::{kill, Signal};
+    let first = pids();
+    if first.is_empty() {
+        return;
+    }
+    for p in &first {
+        let _ = kill(*p, Signal::SIGTERM);
+    }
+    for _ in 0..20 {
+        if pids().is_empty() {
+            return;
         }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for p in pids() {
+        let _ = kill(p, Signal::SIGKILL);
     }
 }
 

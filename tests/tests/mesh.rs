@@ -635,3 +635,87 @@ fn key_rotation_keeps_the_ring_name_and_pauses_under_a_second() {
     assert_eq!(ring_peers(&t.lab, 1), before);
     t.lab.save().unwrap();
 }
+
+/// Pings `ip` from `ns` every 50 ms for `count` pings in the background; the number answered.
+fn pinger(ns: &str, ip: &str, count: u32) -> std::thread::JoinHandle<(u32, u32)> {
+    let (ns, ip) = (ns.to_string(), ip.to_string());
+    std::thread::spawn(move || {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "ping", "-i", "0.05", "-W", "1", "-c"])
+            .arg(count.to_string())
+            .arg(&ip)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .unwrap_or("");
+        let n = |word: &str| -> u32 {
+            line.split(',')
+                .find(|p| p.contains(word))
+                .and_then(|p| p.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (n("transmitted"), n("received"))
+    })
+}
+
+/// A router restart (a DaemonSet rolling update, a crash) on each userspace backend, with a pod
+/// on the other node pinging a pod on the restarted one every 50 ms. The external wireguard-go
+/// process outlives the router, which adopts it again with its peers and sessions: no ping may
+/// be lost. In-process WireGuard goes with the router: the loss is reported.
+#[test]
+fn a_router_restart_keeps_flows_on_external_wireguard() {
+    for backend in ["external", "userspace"] {
+        let t = TestLab::up_with_env(
+            &format!("wr{}", &backend[..1]),
+            2,
+            1,
+            "dir",
+            &[("WEFT_WIREGUARD", backend)],
+        );
+        assert_eq!(status_of(&t.lab, 0).backend, backend);
+        let wg = t.lab.nodes[0].wg_interface.clone().unwrap();
+        let pids = || {
+            netns::exec(
+                &t.lab.nodes[0].netns,
+                &["pgrep", "-f", &format!("wireguard-go {wg}")],
+            )
+            .unwrap_or_default()
+        };
+        let before = pids();
+        let (to, from) = (&t.lab.nodes[0].pods[0], &t.lab.nodes[1].pods[0]);
+        let ping = pinger(&from.netns, &to.ip, 160);
+        std::thread::sleep(Duration::from_secs(1));
+        let start = Instant::now();
+        t.lab.stop_router(0).unwrap();
+        t.lab.start_router(0).unwrap();
+        let restart = start.elapsed();
+        let (sent, got) = ping.join().unwrap();
+        println!(
+            "router restart ({:.1} s) on {backend} WireGuard: {} of {sent} pings lost (50 ms apart)",
+            restart.as_secs_f64(),
+            sent - got
+        );
+        if backend == "external" {
+            assert_eq!(
+                sent - got,
+                0,
+                "pings lost across a restart on external WireGuard"
+            );
+            assert!(
+                !before.trim().is_empty() && pids() == before,
+                "wireguard-go was replaced: {before} vs {}",
+                pids()
+            );
+            let log = std::fs::read_to_string(t.dir.join("node1/router.log")).unwrap();
+            assert!(
+                log.contains("adopted the WireGuard interface"),
+                "no adoption in the log"
+            );
+        }
+        converge(&t.lab, "after the restart");
+    }
+}

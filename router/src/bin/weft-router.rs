@@ -105,7 +105,12 @@ struct Args {
     /// have IPv6 disabled. Must not overlap the universe or the nodes' networks.
     #[arg(long, env = "WEFT_MESH_IPV4_RANGE", default_value = router::mesh4::DEFAULT_RANGE)]
     mesh_ipv4_range: String,
-    /// Use userspace WireGuard even if the kernel has it.
+    /// The WireGuard implementation: `auto` (the kernel's where it has one, else userspace
+    /// in-process), `kernel`, `external` (a wireguard-go process that outlives router restarts:
+    /// pods keep talking while the router is down) or `userspace` (boringtun in-process).
+    #[arg(long, env = "WEFT_WIREGUARD", default_value = "auto")]
+    wireguard: router::wg::Choice,
+    /// Same as `--wireguard userspace`.
     #[arg(long)]
     userspace_wireguard: bool,
     /// Where to serve Prometheus metrics (`GET /metrics`); `off` to serve none. 6782 is the
@@ -519,7 +524,11 @@ async fn main() -> Result<()> {
         a.wg_port,
         &router::mesh::own_addresses(&me_spec),
         cfg.mtu,
-        !a.userspace_wireguard,
+        if a.userspace_wireguard {
+            router::wg::Choice::Userspace
+        } else {
+            a.wireguard
+        },
     )
     .await?;
     router::net::mesh_routes_once(
