@@ -254,6 +254,9 @@ pub fn hand_built(prefix: &str, mtu: u32, secs: u32) -> Result<f64> {
     result
 }
 
+/// A hand-built tunnel's run: (prefix, MTU, seconds) to Gbit/s.
+type Reference = fn(&str, u32, u32) -> Result<f64>;
+
 /// weft pod to pod across two lab nodes on each userspace backend, then hand-built tunnels of
 /// the same implementations; each as (name, Gbit/s), weft's first.
 pub fn throughput(dir: &Path, prefix: &str, secs: u32) -> Result<Vec<(String, f64)>> {
@@ -272,7 +275,7 @@ pub fn throughput(dir: &Path, prefix: &str, secs: u32) -> Result<Vec<(String, f6
         ));
         cleanup?;
     }
-    let refs: [(&str, fn(&str, u32, u32) -> Result<f64>); 2] = [
+    let refs: [(&str, Reference); 2] = [
         ("wireguard-go", hand_built_wireguard_go),
         ("boringtun", hand_built),
     ];
