@@ -65,7 +65,7 @@ node_tier() {
 
 mesh_tier() {
 	# Several nodes on one underlay: WireGuard full mesh, ring gossip, joins, restarts.
-	ensure_packages wireguard-tools tcpdump curl
+	ensure_packages wireguard-tools wireguard-go tcpdump curl
 	cargo test --release -p weft-tests --test mesh -- --nocapture
 }
 
