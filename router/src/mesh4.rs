@@ -86,22 +86,13 @@ mod tests {
     use crate::meshpeer::MeshPeerSpec;
 
     fn node(name: &str, created: Option<i64>, addr: Option<Ipv4Addr>) -> Node {
+        let mut spec = MeshPeerSpec::new(&format!("k{name}"), vec![], "");
+        spec.ring_name = Some(format!("{name}/00000000"));
+        spec.mesh_address_v4 = addr.map(|a| a.to_string());
+        spec.created = created;
         Node {
             name: name.into(),
-            spec: MeshPeerSpec {
-                public_key: format!("k{name}"),
-                endpoints: vec![],
-                mesh_address: String::new(),
-                location: None,
-                persistent_keepalive: None,
-                ring_name: Some(format!("{name}/00000000")),
-                next_public_key: None,
-                mtu: None,
-                allowed_ips: None,
-                mesh_address_v4: addr.map(|a| a.to_string()),
-                ipv6_disabled: false,
-                created,
-            },
+            spec,
         }
     }
 

@@ -80,6 +80,35 @@ pub struct MeshPeerSpec {
     pub allowed_ips: Option<Vec<String>>,
 }
 
+impl MeshPeerSpec {
+    /// A spec with a key, endpoints and mesh address, nothing else set.
+    pub fn new(public_key: &str, endpoints: Vec<Endpoint>, mesh_address: &str) -> MeshPeerSpec {
+        MeshPeerSpec {
+            public_key: public_key.into(),
+            endpoints,
+            mesh_address: mesh_address.into(),
+            location: None,
+            persistent_keepalive: None,
+            ring_name: None,
+            next_public_key: None,
+            mtu: None,
+            allowed_ips: None,
+            mesh_address_v4: None,
+            ipv6_disabled: false,
+            created: None,
+        }
+    }
+}
+
+impl Endpoint {
+    pub fn new(address: &str, kind: EndpointKind) -> Endpoint {
+        Endpoint {
+            address: address.into(),
+            kind,
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Endpoint {

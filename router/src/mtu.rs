@@ -130,25 +130,8 @@ pub async fn paths(handle: &rtnetlink::Handle, endpoints: &[SocketAddr]) -> Vec<
 
 /// Sets `name`'s MTU (a link weft owns: the bridge, the WireGuard interface).
 pub async fn set_link_mtu(handle: &rtnetlink::Handle, name: &str, mtu: u32) -> Result<()> {
-    let link = crate::net::link_by_name(handle, name)
-        .await?
-        .ok_or_else(|| Error::Net {
-            what: format!("setting the MTU of {name} to {mtu}"),
-            reason: "no such interface".into(),
-        })?;
-    handle
-        .link()
-        .set(
-            rtnetlink::LinkUnspec::new_with_index(link.header.index)
-                .mtu(mtu)
-                .build(),
-        )
-        .execute()
-        .await
-        .map_err(|source| Error::Netlink {
-            what: format!("setting the MTU of {name} to {mtu}"),
-            source,
-        })
+    let what = format!("setting the MTU of {name} to {mtu}");
+    crate::net::set_link(handle, name, &what, |l| l.mtu(mtu)).await
 }
 
 #[cfg(test)]

@@ -47,6 +47,45 @@ fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
     move |source| Error::Netlink { what, source }
 }
 
+/// Runs `f` on a netlink connection of its own (callers without one: start-up, probes).
+pub async fn with_netlink<T, F, Fut>(f: F) -> Result<T>
+where
+    F: FnOnce(rtnetlink::Handle) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| Error::Net {
+        what: "opening netlink".into(),
+        reason: e.to_string(),
+    })?;
+    let connection = tokio::spawn(connection);
+    let result = f(handle).await;
+    connection.abort();
+    result
+}
+
+/// Changes link `name` (`change`: its MTU, up); `what` says what for errors.
+pub async fn set_link(
+    handle: &rtnetlink::Handle,
+    name: &str,
+    what: &str,
+    change: impl FnOnce(
+        rtnetlink::LinkMessageBuilder<LinkUnspec>,
+    ) -> rtnetlink::LinkMessageBuilder<LinkUnspec>,
+) -> Result<()> {
+    let link = link_by_name(handle, name)
+        .await?
+        .ok_or_else(|| Error::Net {
+            what: what.to_string(),
+            reason: format!("no interface {name}"),
+        })?;
+    handle
+        .link()
+        .set(change(LinkUnspec::new_with_index(link.header.index)).build())
+        .execute()
+        .await
+        .map_err(nl(what))
+}
+
 pub(crate) async fn link_by_name(
     handle: &rtnetlink::Handle,
     name: &str,
@@ -384,14 +423,7 @@ pub async fn mesh_routes(
 
 /// [`mesh_routes`] on a connection of its own, for start-up (before the node owns space).
 pub async fn mesh_routes_once(wg: &str, universe: Cidr, mesh4: Cidr, ipv6: bool) -> Result<()> {
-    let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| Error::Net {
-        what: "opening netlink".into(),
-        reason: e.to_string(),
-    })?;
-    let connection = tokio::spawn(connection);
-    let r = mesh_routes(&handle, wg, universe, None, mesh4, ipv6).await;
-    connection.abort();
-    r
+    with_netlink(|h| async move { mesh_routes(&h, wg, universe, None, mesh4, ipv6).await }).await
 }
 
 /// Masquerade pod traffic leaving the universe — but not through WireGuard: hosts outside

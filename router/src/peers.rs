@@ -173,23 +173,8 @@ mod tests {
     use crate::meshpeer::{Endpoint, EndpointKind};
 
     fn spec(key: &str) -> MeshPeerSpec {
-        MeshPeerSpec {
-            public_key: key.into(),
-            endpoints: vec![Endpoint {
-                address: "10.99.0.11:51820".into(),
-                kind: EndpointKind::Internal,
-            }],
-            mesh_address: "fd77:6566:7400::1".into(),
-            location: None,
-            persistent_keepalive: None,
-            ring_name: None,
-            next_public_key: None,
-            mtu: None,
-            allowed_ips: None,
-            mesh_address_v4: None,
-            ipv6_disabled: false,
-            created: None,
-        }
+        let ep = Endpoint::new("10.99.0.11:51820", EndpointKind::Internal);
+        MeshPeerSpec::new(key, vec![ep], "fd77:6566:7400::1")
     }
 
     #[tokio::test]

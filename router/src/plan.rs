@@ -265,28 +265,12 @@ mod tests {
     use ipam::Seed;
 
     fn node(name: &str, key: &str, location: Option<&str>, eps: &[(&str, EndpointKind)]) -> Node {
+        let eps = eps.iter().map(|(a, k)| Endpoint::new(a, *k)).collect();
+        let mut spec = MeshPeerSpec::new(key, eps, &format!("fd77:6566:7400::{}", name.len()));
+        spec.location = location.map(String::from);
         Node {
             name: name.into(),
-            spec: MeshPeerSpec {
-                public_key: key.into(),
-                endpoints: eps
-                    .iter()
-                    .map(|(a, k)| Endpoint {
-                        address: a.to_string(),
-                        kind: *k,
-                    })
-                    .collect(),
-                mesh_address: format!("fd77:6566:7400::{}", name.len()),
-                location: location.map(String::from),
-                persistent_keepalive: None,
-                ring_name: None,
-                next_public_key: None,
-                mtu: None,
-                allowed_ips: None,
-                mesh_address_v4: None,
-                ipv6_disabled: false,
-                created: None,
-            },
+            spec,
         }
     }
 

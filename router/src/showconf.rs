@@ -96,28 +96,12 @@ mod tests {
     use ipam::{PeerName, Seed};
 
     fn node(name: &str, key: &str, eps: &[(&str, EndpointKind)], location: &str) -> Node {
+        let eps = eps.iter().map(|(a, k)| Endpoint::new(a, *k)).collect();
+        let mut spec = MeshPeerSpec::new(key, eps, &format!("fd77:6566:7400::{}", name.len()));
+        spec.location = Some(location.into());
         Node {
             name: name.into(),
-            spec: MeshPeerSpec {
-                public_key: key.into(),
-                endpoints: eps
-                    .iter()
-                    .map(|(a, k)| Endpoint {
-                        address: a.to_string(),
-                        kind: *k,
-                    })
-                    .collect(),
-                mesh_address: format!("fd77:6566:7400::{}", name.len()),
-                location: Some(location.into()),
-                persistent_keepalive: None,
-                ring_name: None,
-                next_public_key: None,
-                mtu: None,
-                allowed_ips: None,
-                mesh_address_v4: None,
-                ipv6_disabled: false,
-                created: None,
-            },
+            spec,
         }
     }
 

@@ -124,37 +124,29 @@ fn key(b64: &str) -> Result<Key> {
 
 /// Whether the kernel can make WireGuard links, by trying (and removing the probe link).
 pub async fn kernel_supported() -> Result<bool> {
-    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| Error::Net {
-        what: "opening netlink".into(),
-        reason: e.to_string(),
-    })?;
-    let conn = tokio::spawn(conn);
-    let name = "weftwgprobe";
-    let made = handle
-        .link()
-        .add(rtnetlink::LinkWireguard::new(name).build())
-        .execute()
-        .await;
-    let out = match made {
-        Ok(()) => {
-            if let Ok(Some(link)) = futures::TryStreamExt::try_next(
-                &mut handle.link().get().match_name(name.to_string()).execute(),
-            )
-            .await
-            {
-                let _ = handle.link().del(link.header.index).execute().await;
+    crate::net::with_netlink(|handle| async move {
+        let name = "weftwgprobe";
+        let made = handle
+            .link()
+            .add(rtnetlink::LinkWireguard::new(name).build())
+            .execute()
+            .await;
+        match made {
+            Ok(()) => {
+                if let Some(link) = crate::net::link_by_name(&handle, name).await? {
+                    let _ = handle.link().del(link.header.index).execute().await;
+                }
+                Ok(true)
             }
-            Ok(true)
+            // EOPNOTSUPP: no wireguard module (ip says "Unknown device type").
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -95 => Ok(false),
+            Err(e) => Err(Error::Netlink {
+                what: "probing for kernel WireGuard".into(),
+                source: e,
+            }),
         }
-        // EOPNOTSUPP: no wireguard module (ip says "Unknown device type").
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -95 => Ok(false),
-        Err(e) => Err(Error::Netlink {
-            what: "probing for kernel WireGuard".into(),
-            source: e,
-        }),
-    };
-    conn.abort();
-    out
+    })
+    .await
 }
 
 /// Whether two private keys (base64) are one: implementations keep them clamped (x25519), the
@@ -172,47 +164,19 @@ fn same_private_key(a: &str, b: &str) -> bool {
 
 /// Whether a link called `name` exists.
 async fn link_exists(name: &str) -> Result<bool> {
-    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| Error::Net {
-        what: "opening netlink".into(),
-        reason: e.to_string(),
-    })?;
-    let conn = tokio::spawn(conn);
-    let found = crate::net::link_by_name(&handle, name).await;
-    conn.abort();
-    Ok(found?.is_some())
+    crate::net::with_netlink(
+        |h| async move { Ok(crate::net::link_by_name(&h, name).await?.is_some()) },
+    )
+    .await
 }
 
 /// Brings link `name` up (an external process's TUN device starts down).
 async fn set_up(name: &str) -> Result<()> {
-    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| Error::Net {
-        what: "opening netlink".into(),
-        reason: e.to_string(),
-    })?;
-    let conn = tokio::spawn(conn);
-    let result = async {
-        let link = crate::net::link_by_name(&handle, name)
-            .await?
-            .ok_or_else(|| Error::Net {
-                what: format!("bringing {name} up"),
-                reason: "no such interface".into(),
-            })?;
-        handle
-            .link()
-            .set(
-                rtnetlink::LinkUnspec::new_with_index(link.header.index)
-                    .up()
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(|source| Error::Netlink {
-                what: format!("bringing {name} up"),
-                source,
-            })
-    }
-    .await;
-    conn.abort();
-    result
+    let what = format!("bringing {name} up");
+    crate::net::with_netlink(
+        |h| async move { crate::net::set_link(&h, name, &what, |l| l.up()).await },
+    )
+    .await
 }
 
 /// Starts `wireguard-go <name>` (it detaches and lives on after this process) and waits until
@@ -259,12 +223,7 @@ async fn start_external(name: &str) -> Result<()> {
 async fn remove_address(name: &str, addr: IpAddr) -> Result<()> {
     use futures::TryStreamExt;
     let netlink = |what: String| move |source| Error::Netlink { what, source };
-    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| Error::Net {
-        what: "opening netlink".into(),
-        reason: e.to_string(),
-    })?;
-    let conn = tokio::spawn(conn);
-    let result = async {
+    crate::net::with_netlink(|handle| async move {
         let Some(link) = crate::net::link_by_name(&handle, name).await? else {
             return Ok(());
         };
@@ -287,10 +246,8 @@ async fn remove_address(name: &str, addr: IpAddr) -> Result<()> {
                 .map_err(netlink(format!("removing {addr} from {name}")))?;
         }
         Ok(())
-    }
-    .await;
-    conn.abort();
-    result
+    })
+    .await
 }
 
 /// Each address as a host prefix (/32, /128).

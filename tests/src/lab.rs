@@ -400,6 +400,18 @@ impl Lab {
         self.wait_ready(n, Duration::from_secs(20))
     }
 
+    /// Node `n`'s router status (`weftctl status`).
+    pub fn status(&self, n: usize) -> Result<weft_node_api::Status> {
+        weft_node_api::client::call(
+            &self.nodes[n].node_api_socket,
+            "GET",
+            weft_node_api::PATH_STATUS,
+            None::<&()>,
+            Duration::from_secs(5),
+        )
+        .with_context(|| format!("asking {}'s router for its status", self.nodes[n].name))
+    }
+
     /// Waits until node `n`'s router answers healthy.
     pub fn wait_ready(&self, n: usize, timeout: Duration) -> Result<()> {
         let node = &self.nodes[n];

@@ -184,23 +184,11 @@ async fn meshpeer_crd_installs_validates_and_takes_server_side_apply() {
     assert!(ok, "{out}");
 
     let peers: Api<MeshPeer> = Api::all(admin.clone());
-    let spec = MeshPeerSpec {
-        public_key: "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=".into(),
-        endpoints: vec![Endpoint {
-            address: "10.99.0.11:51820".into(),
-            kind: EndpointKind::Internal,
-        }],
-        mesh_address: "fd77:6566:7400::1".into(),
-        location: None,
-        persistent_keepalive: None,
-        ring_name: None,
-        next_public_key: None,
-        mtu: None,
-        allowed_ips: None,
-        mesh_address_v4: None,
-        ipv6_disabled: false,
-        created: None,
-    };
+    let spec = MeshPeerSpec::new(
+        "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=",
+        vec![Endpoint::new("10.99.0.11:51820", EndpointKind::Internal)],
+        "fd77:6566:7400::1",
+    );
     let pp = kube::api::PatchParams::apply("weft-router").force();
     let mp = MeshPeer::new("node1", spec.clone());
     peers
@@ -261,22 +249,9 @@ async fn kube_peer_store_works_for_a_router_with_weft_rbac_only() {
         "--timeout=30s",
     ]);
     let store1 = KubeStore::new(env.client("node1").await.unwrap());
-    let spec = |key: &str, ip: &str| MeshPeerSpec {
-        public_key: key.into(),
-        endpoints: vec![Endpoint {
-            address: format!("{ip}:51820"),
-            kind: EndpointKind::Internal,
-        }],
-        mesh_address: "fd77:6566:7400::1".into(),
-        location: None,
-        persistent_keepalive: None,
-        ring_name: None,
-        next_public_key: None,
-        mtu: None,
-        allowed_ips: None,
-        mesh_address_v4: None,
-        ipv6_disabled: false,
-        created: None,
+    let spec = |key: &str, ip: &str| {
+        let ep = Endpoint::new(&format!("{ip}:51820"), EndpointKind::Internal);
+        MeshPeerSpec::new(key, vec![ep], "fd77:6566:7400::1")
     };
     let k1 = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
     let k2 = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";

@@ -45,17 +45,6 @@ impl Drop for TestLab {
     }
 }
 
-fn status_of(lab: &Lab, n: usize) -> weft_node_api::Status {
-    weft_node_api::client::call(
-        &lab.nodes[n].node_api_socket,
-        "GET",
-        weft_node_api::PATH_STATUS,
-        None::<&()>,
-        Duration::from_secs(5),
-    )
-    .unwrap()
-}
-
 /// Runs weftctl against node `n`'s router.
 fn weftctl(lab: &Lab, n: usize, args: &[&str]) -> std::process::Output {
     std::process::Command::new(weft_tests::lab::bin_dir().unwrap().join("weftctl"))
@@ -114,7 +103,7 @@ fn peers_join_and_restart(t: &mut TestLab) {
     let before: Vec<String> = t.lab.nodes[1].pods.iter().map(|p| p.ip.clone()).collect();
     t.lab.stop_router(1).unwrap();
     t.lab.start_router(1).unwrap();
-    let status = status_of(&t.lab, 1);
+    let status = t.lab.status(1).unwrap();
     let after: Vec<String> = status.pods.iter().map(|p| p.ip.to_string()).collect();
     assert_eq!(before, after);
     converge(&t.lab, "after the restart");
@@ -278,7 +267,8 @@ fn three_nodes_mesh_on_the_real_api_server() {
 }
 
 fn ring_peers(lab: &Lab, n: usize) -> Vec<(String, Vec<String>)> {
-    status_of(lab, n)
+    lab.status(n)
+        .unwrap()
         .ring_peers
         .into_iter()
         .map(|p| (p.name, p.cidrs))
@@ -424,7 +414,7 @@ fn metrics_agree_with_wg_show_and_weftctl() {
 
     let text = netns::exec(&n1.netns, &["curl", "-sf", "http://127.0.0.1:6782/metrics"]).unwrap();
     let dump = netns::exec(&n1.netns, &["wg", "show", &wg, "dump"]).unwrap();
-    let status = status_of(&t.lab, 0);
+    let status = t.lab.status(0).unwrap();
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
         .unwrap_or_else(|e| panic!("unparsable metrics: {e}\n{text}"));
     let value = |name: &str, peer: Option<&str>| -> f64 {
@@ -629,7 +619,7 @@ fn key_rotation_keeps_the_ring_name_and_pauses_under_a_second() {
     // A restart: the new key, the same ring identity.
     t.lab.stop_router(0).unwrap();
     t.lab.start_router(0).unwrap();
-    let status = status_of(&t.lab, 0);
+    let status = t.lab.status(0).unwrap();
     assert_eq!(status.public_key, r.new_public_key);
     converge(&t.lab, "after a restart with the rotated key");
     assert_eq!(ring_peers(&t.lab, 1), before);
@@ -676,7 +666,7 @@ fn a_router_restart_keeps_flows_on_external_wireguard() {
             "dir",
             &[("WEFT_WIREGUARD", backend)],
         );
-        assert_eq!(status_of(&t.lab, 0).backend, backend);
+        assert_eq!(t.lab.status(0).unwrap().backend, backend);
         let wg = t.lab.nodes[0].wg_interface.clone().unwrap();
         let pids = || {
             netns::exec(

@@ -292,15 +292,9 @@ fn nodes_join_across_nats_sites_and_mtus() {
     // The ring changing under other nodes (100 pod ADDs) resets no WireGuard session on node1.
     let before = handshakes(&t.lab, 0);
     let ring = |lab: &Lab| -> Vec<String> {
-        let s: weft_node_api::Status = weft_node_api::client::call(
-            &lab.nodes[0].node_api_socket,
-            "GET",
-            weft_node_api::PATH_STATUS,
-            None::<&()>,
-            Duration::from_secs(5),
-        )
-        .unwrap();
-        s.ring_peers
+        lab.status(0)
+            .unwrap()
+            .ring_peers
             .iter()
             .map(|p| format!("{} {:?}", p.name, p.cidrs))
             .collect()
@@ -365,17 +359,7 @@ fn nodes_join_across_nats_sites_and_mtus() {
     .unwrap();
     ping(&pods[0].0, &pods[4].1, &["-M", "do", "-s", "1292"]);
     let start = Instant::now();
-    let mtu = |lab: &Lab| -> u32 {
-        let s: weft_node_api::Status = weft_node_api::client::call(
-            &lab.nodes[0].node_api_socket,
-            "GET",
-            weft_node_api::PATH_STATUS,
-            None::<&()>,
-            Duration::from_secs(5),
-        )
-        .unwrap();
-        s.mtu
-    };
+    let mtu = |lab: &Lab| -> u32 { lab.status(0).unwrap().mtu };
     while mtu(&t.lab) != 1300 && start.elapsed() < Duration::from_secs(15) {
         std::thread::sleep(Duration::from_millis(200));
     }
