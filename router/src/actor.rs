@@ -280,7 +280,7 @@ impl Actor {
         let Some(mesh) = &self.mesh else {
             return Err(Failure::refused(400, "this router has no mesh".into()));
         };
-        let mut nodes: Vec<plan::Node> = mesh.peers.values().cloned().collect();
+        let mut nodes: Vec<plan::Node> = mesh.nodes.clone();
         nodes.push(mesh.me.clone());
         let subject = nodes.iter().find(|n| n.name == name).ok_or_else(|| {
             Failure::refused(
@@ -313,12 +313,12 @@ impl Actor {
                 }
             };
         let ring = self.node.ring();
-        let nodes: Vec<plan::Node> = mesh.peers.values().cloned().collect();
+        let nodes = &mesh.nodes;
         mesh.peers
             .values()
             .filter(|n| n.name != mesh.me.name)
             .map(|n| {
-                let path = match plan::path(&mesh.me, n, &nodes) {
+                let path = match plan::path(&mesh.me, n, nodes) {
                     plan::Path::Direct => "direct".to_string(),
                     plan::Path::Relayed(r) => format!("via {r}"),
                     plan::Path::Unreachable => "unreachable".to_string(),
@@ -474,7 +474,7 @@ impl Actor {
                     info!(gateway = %gw, owned = ?owned.iter().map(|c| c.to_string()).collect::<Vec<_>>(), "node network ready");
                     self.net = Some(net);
                     // The peers may be known already: no pod before the MTU is theirs.
-                    self.sync_mtu().await;
+                    self.sync_mtu(false).await;
                 }
                 Err(e) => warn!("setting up the node network: {e}"),
             },
@@ -491,15 +491,18 @@ impl Actor {
     }
 
     /// Keeps the tunnel MTU at the smallest path to a peer (unless an administrator fixed it).
-    async fn sync_mtu(&mut self) {
-        let (Some(net), Some(mesh)) = (&self.net, &self.mesh) else {
+    async fn sync_mtu(&mut self, refresh: bool) {
+        let (Some(net), Some(mesh)) = (&mut self.net, &self.mesh) else {
             return;
         };
         if self.cfg.mtu_fixed {
             return;
         }
         let links: Vec<u32> = mesh.peers.values().filter_map(|n| n.spec.mtu).collect();
-        match net.sync_mtu(&self.cfg, links, &mesh.endpoints()).await {
+        match net
+            .sync_mtu(&self.cfg, links, &mesh.endpoints(), refresh)
+            .await
+        {
             Ok(Some(mtu)) => {
                 info!(was = self.cfg.mtu, now = mtu, "tunnel MTU changed (smallest path to a peer, less WireGuard's overhead): new pods get it; running pods keep theirs and adapt by path MTU discovery");
                 self.cfg.mtu = mtu;
@@ -630,7 +633,7 @@ impl Actor {
     async fn tick(&mut self) {
         // A learned path MTU (ICMP from the way) shows only in the route cache: look again.
         if self.started.elapsed().as_secs() % 5 == 0 {
-            self.sync_mtu().await;
+            self.sync_mtu(true).await;
         }
         let Some(mesh) = &self.mesh else { return };
         let names = mesh.gossip_peers();
@@ -909,11 +912,7 @@ impl Actor {
         let me = mesh.me.name.clone();
         let known: std::collections::BTreeSet<ipam::PeerName> =
             mesh.peers.keys().cloned().collect();
-        mesh.peers = nodes
-            .into_iter()
-            .filter(|n| n.name != me)
-            .map(|n| (n.ring_name(), n))
-            .collect();
+        mesh.set_peers(nodes.into_iter().filter(|n| n.name != me).collect());
         let new: Vec<ipam::PeerName> = mesh
             .gossip_peers()
             .into_iter()
@@ -941,7 +940,7 @@ impl Actor {
             warn!("reconciling WireGuard peers: {e}");
         }
         self.route_hosts().await;
-        self.sync_mtu().await;
+        self.sync_mtu(false).await;
         if let Some(mesh) = &self.mesh {
             for host in mesh
                 .peers

@@ -72,9 +72,14 @@ impl KubeStore {
     pub fn watch(&self) -> watch::Receiver<Vec<Node>> {
         let (tx, rx) = watch::channel(Vec::new());
         let (reader, writer) = reflector::store::<MeshPeer>();
+        // Without managedFields: the router never reads them, and they are most of an object's
+        // size — in a store of every MeshPeer, and in each snapshot's copies.
         let stream = reflector(
             writer,
-            watcher(self.api.clone(), watcher::Config::default()),
+            watcher(self.api.clone(), watcher::Config::default()).modify(|p| {
+                use kube::ResourceExt;
+                p.managed_fields_mut().clear();
+            }),
         )
         .default_backoff()
         .touched_objects();

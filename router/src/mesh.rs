@@ -37,8 +37,10 @@ pub struct Inbound {
 pub struct Mesh {
     pub me: Node,
     pub device: Device,
-    /// The other nodes, by ring name, as the peer store last said.
+    /// The other nodes, by ring name, as the peer store last said (see [`Mesh::set_peers`]).
     pub peers: BTreeMap<PeerName, Node>,
+    /// The same nodes in a list, for planning (kept, not rebuilt per reconcile or tick).
+    pub nodes: Vec<Node>,
     socket6: Option<Arc<UdpSocket>>,
     socket4: Arc<UdpSocket>,
     /// The endpoint set for each peer at the last reconcile (see [`plan::diff`]).
@@ -185,6 +187,7 @@ impl Mesh {
             me,
             device,
             peers: BTreeMap::new(),
+            nodes: Vec::new(),
             socket6,
             socket4,
             applied: plan::Applied::new(),
@@ -192,13 +195,20 @@ impl Mesh {
         })
     }
 
+    /// The other nodes are now `nodes`.
+    pub fn set_peers(&mut self, nodes: Vec<Node>) {
+        self.peers = nodes.iter().map(|n| (n.ring_name(), n.clone())).collect();
+        self.nodes = nodes;
+    }
+
     /// The peers ring gossip goes to: nodes (not hosts) with a direct WireGuard session — a mesh
     /// address is never relayed, so gossip to a relayed node could not arrive.
     pub fn gossip_peers(&self) -> Vec<PeerName> {
-        let nodes: Vec<Node> = self.peers.values().cloned().collect();
         self.peers
             .iter()
-            .filter(|(_, n)| !n.is_host() && plan::path(&self.me, n, &nodes) == plan::Path::Direct)
+            .filter(|(_, n)| {
+                !n.is_host() && plan::path(&self.me, n, &self.nodes) == plan::Path::Direct
+            })
             .map(|(r, _)| r.clone())
             .collect()
     }
@@ -250,18 +260,19 @@ impl Mesh {
 
     /// Makes the device's peers match the plan for `ring`.
     pub fn reconcile(&mut self, ring: &Ring) -> Result<()> {
-        let others: Vec<Node> = self.peers.values().cloned().collect();
-        let want = plan::desired(&self.me, &others, ring);
-        let live: Vec<plan::WgPeer> = match &self.model {
-            Some((model, at)) if at.elapsed() < RESYNC => model.values().cloned().collect(),
-            _ => {
-                let live = self.device.peers()?;
-                let model = live.iter().map(|p| (p.public_key.clone(), p.clone()));
-                self.model = Some((model.collect(), std::time::Instant::now()));
-                live
-            }
-        };
-        let changes = plan::diff(&want, &live, &self.applied);
+        let want = plan::desired(&self.me, &self.nodes, ring);
+        if !matches!(&self.model, Some((_, at)) if at.elapsed() < RESYNC) {
+            let live = self.device.peers()?;
+            let model = live.into_iter().map(|p| (p.public_key.clone(), p));
+            self.model = Some((model.collect(), std::time::Instant::now()));
+        }
+        let live = self
+            .model
+            .as_ref()
+            .map(|(m, _)| m.values())
+            .into_iter()
+            .flatten();
+        let changes = plan::diff(&want, live, &self.applied);
         if !changes.is_empty() {
             if let Err(e) = self.device.apply(&changes) {
                 self.model = None;

@@ -116,16 +116,52 @@ async fn link_mtu(handle: &rtnetlink::Handle, index: u32) -> Result<Option<u32>>
     }))
 }
 
-/// The paths to `endpoints` (errors logged and skipped: a missing route is not an MTU).
-pub async fn paths(handle: &rtnetlink::Handle, endpoints: &[SocketAddr]) -> Vec<Path> {
-    let mut out = Vec::new();
-    for e in endpoints {
-        match path_to(handle, e.ip()).await {
-            Ok(p) => out.push(p),
-            Err(err) => tracing::debug!(endpoint = %e, "no path MTU: {err}"),
+/// The path to each peer endpoint, looked up once and then a few at a time: a peer change costs
+/// lookups for its endpoints only, and a learned path MTU shows within a sweep
+/// (`REFRESH` endpoints per look, oldest first) — not one lookup per peer per change.
+#[derive(Debug, Default)]
+pub struct PathCache {
+    paths: std::collections::BTreeMap<IpAddr, (Path, std::time::Instant)>,
+}
+
+/// Endpoints looked at again per refresh.
+pub const REFRESH: usize = 64;
+
+impl PathCache {
+    /// Brings the cache to `endpoints`: looks up the new ones, forgets the gone ones, and with
+    /// `refresh` looks again at the [`REFRESH`] oldest.
+    pub async fn update(
+        &mut self,
+        handle: &rtnetlink::Handle,
+        endpoints: &[SocketAddr],
+        refresh: bool,
+    ) {
+        let want: std::collections::BTreeSet<IpAddr> = endpoints.iter().map(|e| e.ip()).collect();
+        self.paths.retain(|ip, _| want.contains(ip));
+        let mut todo: Vec<IpAddr> = want
+            .iter()
+            .filter(|ip| !self.paths.contains_key(ip))
+            .copied()
+            .collect();
+        if refresh {
+            let mut old: Vec<(&IpAddr, &std::time::Instant)> =
+                self.paths.iter().map(|(ip, (_, at))| (ip, at)).collect();
+            old.sort_by_key(|(_, at)| **at);
+            todo.extend(old.into_iter().take(REFRESH).map(|(ip, _)| *ip));
+        }
+        for ip in todo {
+            match path_to(handle, ip).await {
+                Ok(p) => {
+                    self.paths.insert(ip, (p, std::time::Instant::now()));
+                }
+                Err(err) => tracing::debug!(endpoint = %ip, "no path MTU: {err}"),
+            }
         }
     }
-    out
+
+    pub fn paths(&self) -> Vec<Path> {
+        self.paths.values().map(|(p, _)| *p).collect()
+    }
 }
 
 /// Sets `name`'s MTU (a link weft owns: the bridge, the WireGuard interface).

@@ -40,6 +40,8 @@ pub struct Net {
     gateway: Ipv4Addr,
     /// The hosts' addresses last routed into WireGuard (`None`: not yet looked at).
     host_routes: Option<BTreeSet<Cidr>>,
+    /// The paths to the peers' endpoints, for the tunnel MTU.
+    paths: crate::mtu::PathCache,
 }
 
 fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
@@ -167,6 +169,7 @@ impl Net {
             bridge_index: index,
             gateway,
             host_routes: None,
+            paths: Default::default(),
         };
         net.sync_routes(owned).await?;
         // Now that the node has an address in the universe, its own processes (kubelet probes,
@@ -315,13 +318,14 @@ impl Net {
     /// Brings the tunnel MTU (see [`crate::mtu`]) up to date on the WireGuard interface and the
     /// bridge; the caller gives it to new pods. Returns the new MTU when it changed.
     pub async fn sync_mtu(
-        &self,
+        &mut self,
         cfg: &Config,
         peer_links: Vec<u32>,
         endpoints: &[std::net::SocketAddr],
+        refresh: bool,
     ) -> Result<Option<u32>> {
-        let paths = crate::mtu::paths(&self.handle, endpoints).await;
-        let mtu = crate::mtu::tunnel(cfg.link, peer_links, &paths);
+        self.paths.update(&self.handle, endpoints, refresh).await;
+        let mtu = crate::mtu::tunnel(cfg.link, peer_links, &self.paths.paths());
         if mtu == cfg.mtu {
             return Ok(None);
         }

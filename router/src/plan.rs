@@ -232,8 +232,15 @@ pub type Applied = BTreeMap<String, Option<SocketAddr>>;
 /// behind NAT) is never fought: when the wanted endpoint is the one already set, the live one
 /// stays — also through an update of AllowedIPs — and only a change of the published endpoint
 /// is applied.
-pub fn diff(want: &BTreeMap<String, WgPeer>, live: &[WgPeer], applied: &Applied) -> Vec<Change> {
-    let live: BTreeMap<&str, &WgPeer> = live.iter().map(|p| (p.public_key.as_str(), p)).collect();
+pub fn diff<'a>(
+    want: &BTreeMap<String, WgPeer>,
+    live: impl IntoIterator<Item = &'a WgPeer>,
+    applied: &Applied,
+) -> Vec<Change> {
+    let live: BTreeMap<&str, &WgPeer> = live
+        .into_iter()
+        .map(|p| (p.public_key.as_str(), p))
+        .collect();
     let mut changes: Vec<Change> = want
         .values()
         .filter_map(|w| {

@@ -3,6 +3,7 @@
 
 pub mod bench_cni;
 pub mod bench_mesh;
+pub mod bench_scale;
 pub mod chaos;
 pub mod check;
 pub mod cluster;

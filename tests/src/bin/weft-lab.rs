@@ -164,6 +164,15 @@ enum BenchCmd {
         #[arg(long, default_value_t = 10)]
         seconds: u32,
     },
+    /// One real router on the lab's API server with N more MeshPeers: a restart to a full device,
+    /// endpoint change to device (p50/p99), CPU per change, RSS; ends with `scale peers=<n>
+    /// reconcile_p99_ms=<x> rss_mib=<y>`.
+    Scale {
+        #[arg(long, default_value_t = 1000)]
+        peers: usize,
+        #[arg(long, default_value_t = 40)]
+        changes: usize,
+    },
     /// ADD/CHECK/DEL latency of weft vs Debian's bridge + host-local, p50 and p99.
     Cni {
         #[arg(long, default_value_t = 50)]
@@ -331,6 +340,34 @@ async fn main() -> Result<()> {
                 .status()
                 .map_err(|e| anyhow::anyhow!("running {}: {e}", script.display()))?;
             anyhow::ensure!(status.success(), "{} failed ({status})", script.display());
+        }
+        Top::Bench(BenchCmd::Scale { peers, changes }) => {
+            let s = weft_tests::bench_scale::run(
+                &cli.dir.join("bench-scale"),
+                &format!("{}s", cli.prefix),
+                peers,
+                changes,
+            )?;
+            println!(
+                "router restart to a device with all {} peers (one full reconcile): {:.2} s",
+                s.peers,
+                s.full_reconcile.as_secs_f64()
+            );
+            println!(
+                "endpoint change to device, {changes} changes: p50 {:.1} ms, p99 {:.1} ms",
+                s.change_p50.as_secs_f64() * 1e3,
+                s.change_p99.as_secs_f64() * 1e3
+            );
+            println!(
+                "router CPU per change (less idle): {:.1} ms",
+                s.cpu_per_change_ms
+            );
+            println!(
+                "scale peers={} reconcile_p99_ms={:.1} rss_mib={:.1}",
+                s.peers,
+                s.change_p99.as_secs_f64() * 1e3,
+                s.rss_mib
+            );
         }
         Top::Bench(BenchCmd::Join { joins }) => {
             let mut times = weft_tests::bench_mesh::join(
