@@ -65,7 +65,7 @@ node_tier() {
 
 mesh_tier() {
 	# Several nodes on one underlay: WireGuard full mesh, ring gossip, joins, restarts.
-	ensure_packages wireguard-tools wireguard-go tcpdump curl
+	ensure_packages wireguard-tools wireguard-go tcpdump curl procps
 	cargo test --release -p weft-tests --test mesh -- --nocapture
 }
 
@@ -73,7 +73,7 @@ sites_tier() {
 	# Three sites (subnets, MTUs 1500/1400/1380), two behind NATs that let nothing in, and a
 	# host outside Kubernetes set up from `weftctl showconf peer` with wg-quick + wireguard-go:
 	# all pairs, relay, MTU, 20 MiB per site pair, NAT rebinding, no session resets.
-	ensure_packages wireguard-tools wireguard-go conntrack nftables tcpdump
+	ensure_packages wireguard-tools wireguard-go conntrack nftables tcpdump procps
 	cargo test --release -p weft-tests --test sites -- --nocapture
 }
 
