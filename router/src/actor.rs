@@ -314,15 +314,11 @@ impl Actor {
             };
         let ring = self.node.ring();
         let nodes = &mesh.nodes;
-        mesh.peers
-            .values()
+        mesh.peers()
+            .map(|(_, n)| n)
             .filter(|n| n.name != mesh.me.name)
             .map(|n| {
-                let path = match plan::path(&mesh.me, n, nodes) {
-                    plan::Path::Direct => "direct".to_string(),
-                    plan::Path::Relayed(r) => format!("via {r}"),
-                    plan::Path::Unreachable => "unreachable".to_string(),
-                };
+                let path = plan::path(&mesh.me, n, nodes).to_string();
                 let ring_name = n.ring_name();
                 let state = live.get(&n.spec.public_key);
                 let wg = state.map(|s| &s.peer);
@@ -473,8 +469,10 @@ impl Actor {
                 Ok(net) => {
                     info!(gateway = %gw, owned = ?owned.iter().map(|c| c.to_string()).collect::<Vec<_>>(), "node network ready");
                     self.net = Some(net);
-                    // The peers may be known already: no pod before the MTU is theirs.
+                    // The peers may be known already: no pod before the MTU is theirs, and
+                    // hosts are routed from the start.
                     self.sync_mtu(false).await;
+                    self.route_hosts().await;
                 }
                 Err(e) => warn!("setting up the node network: {e}"),
             },
@@ -487,7 +485,6 @@ impl Actor {
             }
             self.metrics.reconciled(t0.elapsed());
         }
-        self.route_hosts().await;
     }
 
     /// Keeps the tunnel MTU at the smallest path to a peer (unless an administrator fixed it).
@@ -498,7 +495,7 @@ impl Actor {
         if self.cfg.mtu_fixed {
             return;
         }
-        let links: Vec<u32> = mesh.peers.values().filter_map(|n| n.spec.mtu).collect();
+        let links: Vec<u32> = mesh.nodes.iter().filter_map(|n| n.spec.mtu).collect();
         match net
             .sync_mtu(&self.cfg, links, &mesh.endpoints(), refresh)
             .await
@@ -519,8 +516,8 @@ impl Actor {
             return;
         };
         let cidrs = mesh
-            .peers
-            .values()
+            .nodes
+            .iter()
             .flat_map(|n| plan::host_cidrs(n, self.cfg.universe))
             .collect();
         if let Err(e) = net.sync_host_routes(&self.cfg.wg_interface, cidrs).await {
@@ -660,7 +657,8 @@ impl Actor {
             debug!("no ring gossip from any live peer lately (cut off?): not reclaiming from a possibly stale view");
             return;
         }
-        let live: std::collections::BTreeSet<ipam::PeerName> = mesh.peers.keys().cloned().collect();
+        let live: std::collections::BTreeSet<ipam::PeerName> =
+            mesh.peers().map(|(r, _)| r.clone()).collect();
         let now = self.started.elapsed().as_millis() as u64;
         let due = self.orphans.due(
             self.node.ring(),
@@ -695,10 +693,10 @@ impl Actor {
     fn view_is_current(&self) -> bool {
         const FRESH: std::time::Duration = std::time::Duration::from_secs(5);
         let Some(mesh) = &self.mesh else { return true };
-        mesh.peers.is_empty()
+        mesh.nodes.is_empty()
             || mesh
-                .peers
-                .keys()
+                .peers()
+                .map(|(r, _)| r)
                 .any(|p| self.heard.get(p).is_some_and(|t| t.elapsed() < FRESH))
     }
 
@@ -911,7 +909,7 @@ impl Actor {
         }
         let me = mesh.me.name.clone();
         let known: std::collections::BTreeSet<ipam::PeerName> =
-            mesh.peers.keys().cloned().collect();
+            mesh.peers().map(|(r, _)| r.clone()).collect();
         mesh.set_peers(nodes.into_iter().filter(|n| n.name != me).collect());
         let new: Vec<ipam::PeerName> = mesh
             .gossip_peers()
@@ -920,19 +918,11 @@ impl Actor {
             .collect();
         if let Ok(mut index) = self.index.write() {
             *index = mesh
-                .peers
-                .iter()
+                .peers()
                 .flat_map(|(r, n)| {
-                    let v6 = n.spec.mesh_address.parse::<std::net::Ipv6Addr>().ok();
-                    let v4 = n
-                        .spec
-                        .mesh_address_v4
-                        .as_ref()
-                        .and_then(|a| a.parse::<Ipv4Addr>().ok());
-                    v6.map(std::net::IpAddr::V6)
-                        .into_iter()
-                        .chain(v4.map(std::net::IpAddr::V4))
-                        .map(move |a| (a, r.clone()))
+                    let v6 = n.spec.mesh_v6().map(std::net::IpAddr::V6);
+                    let v4 = n.spec.mesh_v4().map(std::net::IpAddr::V4);
+                    v6.into_iter().chain(v4).map(move |a| (a, r.clone()))
                 })
                 .collect();
         }
@@ -943,8 +933,7 @@ impl Actor {
         self.sync_mtu(false).await;
         if let Some(mesh) = &self.mesh {
             for host in mesh
-                .peers
-                .iter()
+                .peers()
                 .filter(|(r, n)| n.is_host() && !known.contains(*r))
             {
                 mesh.kick(host.1).await;

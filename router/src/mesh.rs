@@ -37,10 +37,11 @@ pub struct Inbound {
 pub struct Mesh {
     pub me: Node,
     pub device: Device,
-    /// The other nodes, by ring name, as the peer store last said (see [`Mesh::set_peers`]).
-    pub peers: BTreeMap<PeerName, Node>,
-    /// The same nodes in a list, for planning (kept, not rebuilt per reconcile or tick).
+    /// The other nodes, as the peer store last said (see [`Mesh::set_peers`]): one list, kept
+    /// for planning rather than rebuilt per reconcile or tick.
     pub nodes: Vec<Node>,
+    /// Ring name → index in `nodes`.
+    by_ring: BTreeMap<PeerName, usize>,
     socket6: Option<Arc<UdpSocket>>,
     socket4: Arc<UdpSocket>,
     /// The endpoint set for each peer at the last reconcile (see [`plan::diff`]).
@@ -59,7 +60,7 @@ impl std::fmt::Debug for Mesh {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Mesh")
             .field("me", &self.me.name)
-            .field("peers", &self.peers.len())
+            .field("peers", &self.nodes.len())
             .finish()
     }
 }
@@ -135,33 +136,19 @@ async fn receive(rx: Arc<UdpSocket>, inbound: mpsc::Sender<Inbound>, peers: Send
 /// A node's own mesh addresses, as its WireGuard interface carries them: the IPv6 one unless
 /// IPv6 is disabled, the IPv4 one when it has one.
 pub fn own_addresses(spec: &crate::meshpeer::MeshPeerSpec) -> Vec<IpAddr> {
-    let v6 = (!spec.ipv6_disabled)
-        .then(|| spec.mesh_address.parse::<Ipv6Addr>().ok())
-        .flatten()
-        .map(IpAddr::V6);
-    let v4 = spec
-        .mesh_address_v4
-        .as_ref()
-        .and_then(|a| a.parse::<std::net::Ipv4Addr>().ok())
-        .map(IpAddr::V4);
-    v6.into_iter().chain(v4).collect()
+    let v6 = spec.mesh_v6().filter(|_| !spec.ipv6_disabled);
+    v6.map(IpAddr::V6)
+        .into_iter()
+        .chain(spec.mesh_v4().map(IpAddr::V4))
+        .collect()
 }
 
 /// Where gossip to `peer` goes: its IPv6 mesh address when both ends have IPv6, else its IPv4
 /// one (already checked: see [`crate::mesh4::holders`]).
 pub fn gossip_address(me: &Node, peer: &Node) -> Option<IpAddr> {
-    let v6 = (!me.spec.ipv6_disabled && !peer.spec.ipv6_disabled)
-        .then(|| peer.spec.mesh_address.parse::<Ipv6Addr>().ok())
-        .flatten()
-        .map(IpAddr::V6);
-    v6.or_else(|| {
-        peer.spec
-            .mesh_address_v4
-            .as_ref()?
-            .parse::<std::net::Ipv4Addr>()
-            .ok()
-            .map(IpAddr::V4)
-    })
+    let both_v6 = !me.spec.ipv6_disabled && !peer.spec.ipv6_disabled;
+    let v6 = peer.spec.mesh_v6().filter(|_| both_v6).map(IpAddr::V6);
+    v6.or_else(|| peer.spec.mesh_v4().map(IpAddr::V4))
 }
 
 impl Mesh {
@@ -186,8 +173,8 @@ impl Mesh {
         Ok(Mesh {
             me,
             device,
-            peers: BTreeMap::new(),
             nodes: Vec::new(),
+            by_ring: BTreeMap::new(),
             socket6,
             socket4,
             applied: plan::Applied::new(),
@@ -197,15 +184,27 @@ impl Mesh {
 
     /// The other nodes are now `nodes`.
     pub fn set_peers(&mut self, nodes: Vec<Node>) {
-        self.peers = nodes.iter().map(|n| (n.ring_name(), n.clone())).collect();
+        self.by_ring = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.ring_name(), i))
+            .collect();
         self.nodes = nodes;
+    }
+
+    /// The other nodes by ring name, in ring-name order.
+    pub fn peers(&self) -> impl Iterator<Item = (&PeerName, &Node)> {
+        self.by_ring.iter().map(|(r, i)| (r, &self.nodes[*i]))
+    }
+
+    pub fn peer(&self, ring_name: &PeerName) -> Option<&Node> {
+        self.by_ring.get(ring_name).map(|i| &self.nodes[*i])
     }
 
     /// The peers ring gossip goes to: nodes (not hosts) with a direct WireGuard session — a mesh
     /// address is never relayed, so gossip to a relayed node could not arrive.
     pub fn gossip_peers(&self) -> Vec<PeerName> {
-        self.peers
-            .iter()
+        self.peers()
             .filter(|(_, n)| {
                 !n.is_host() && plan::path(&self.me, n, &self.nodes) == plan::Path::Direct
             })
@@ -299,7 +298,7 @@ impl Mesh {
     /// Sends one gossip message. Network errors are logged (the next round retries); a message
     /// that cannot fit a datagram is an error for the caller to show: it will never be sent.
     pub async fn send(&self, me: &PeerName, to: &PeerName, msg: &Message) -> Result<(), String> {
-        let Some(addr) = self.peers.get(to).and_then(|n| gossip_address(&self.me, n)) else {
+        let Some(addr) = self.peer(to).and_then(|n| gossip_address(&self.me, n)) else {
             debug!(peer = %to, "no mesh address for gossip target");
             return Ok(());
         };

@@ -81,6 +81,16 @@ pub struct MeshPeerSpec {
 }
 
 impl MeshPeerSpec {
+    /// The IPv6 mesh address, if it parses.
+    pub fn mesh_v6(&self) -> Option<std::net::Ipv6Addr> {
+        self.mesh_address.parse().ok()
+    }
+
+    /// The IPv4 mesh address, if there is one and it parses.
+    pub fn mesh_v4(&self) -> Option<std::net::Ipv4Addr> {
+        self.mesh_address_v4.as_ref()?.parse().ok()
+    }
+
     /// A spec with a key, endpoints and mesh address, nothing else set.
     pub fn new(public_key: &str, endpoints: Vec<Endpoint>, mesh_address: &str) -> MeshPeerSpec {
         MeshPeerSpec {

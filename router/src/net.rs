@@ -201,25 +201,12 @@ impl Net {
     /// for ranges this node no longer owns (it granted them to a peer).
     pub async fn sync_routes(&mut self, owned: &[Cidr]) -> Result<()> {
         let want: BTreeSet<(Ipv4Addr, u8)> = owned.iter().map(|c| (c.addr(), c.prefix())).collect();
-        let mut have = Vec::new();
-        let mut routes = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute();
-        while let Some(r) = routes.try_next().await.map_err(nl("listing routes"))? {
-            let ours = r.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)
-                && r.attributes
-                    .iter()
-                    .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == self.bridge_index));
-            let dst = r.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Destination(RouteAddress::Inet(d)) => Some(*d),
-                _ => None,
-            });
-            if let (true, Some(dst)) = (ours, dst) {
-                have.push(((dst, r.header.destination_prefix_length), r));
-            }
-        }
+        let have: Vec<((Ipv4Addr, u8), RouteMessage)> = self
+            .weft_routes(self.bridge_index, None)
+            .await?
+            .into_iter()
+            .map(|(c, r)| ((c.addr(), c.prefix()), r))
+            .collect();
         for ((dst, len), r) in have.iter().filter(|(k, _)| !want.contains(k)) {
             self.handle
                 .route()
@@ -246,6 +233,37 @@ impl Net {
         Ok(())
     }
 
+    /// weft's IPv4 routes out of link `oif` (with `metric`, when given), by destination.
+    async fn weft_routes(
+        &self,
+        oif: u32,
+        metric: Option<u32>,
+    ) -> Result<Vec<(Cidr, RouteMessage)>> {
+        let mut routes = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        let mut have = Vec::new();
+        while let Some(r) = routes.try_next().await.map_err(nl("listing routes"))? {
+            let has = |want: &dyn Fn(&RouteAttribute) -> bool| r.attributes.iter().any(want);
+            let ours = r.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)
+                && has(&|a| matches!(a, RouteAttribute::Oif(i) if *i == oif))
+                && metric
+                    .is_none_or(|m| has(&|a| matches!(a, RouteAttribute::Priority(p) if *p == m)));
+            let dst = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(d)) => Some(*d),
+                _ => None,
+            });
+            if let (true, Some(dst)) = (ours, dst) {
+                if let Ok(c) = Cidr::new(dst, r.header.destination_prefix_length) {
+                    have.push((c, r));
+                }
+            }
+        }
+        Ok(have)
+    }
+
     /// Routes exactly `cidrs` (the addresses of hosts outside Kubernetes that are MeshPeers)
     /// into the WireGuard interface `wg`, so pods' traffic to them goes through the tunnel.
     pub async fn sync_host_routes(&mut self, wg: &str, cidrs: BTreeSet<Cidr>) -> Result<()> {
@@ -260,30 +278,7 @@ impl Net {
             })?
             .header
             .index;
-        let mut routes = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute();
-        let mut have = Vec::new();
-        while let Some(r) = routes.try_next().await.map_err(nl("listing routes"))? {
-            let ours = r.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)
-                && r.attributes
-                    .iter()
-                    .any(|a| matches!(a, RouteAttribute::Priority(HOST_METRIC)))
-                && r.attributes
-                    .iter()
-                    .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index));
-            let dst = r.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Destination(RouteAddress::Inet(d)) => Some(*d),
-                _ => None,
-            });
-            if let (true, Some(dst)) = (ours, dst) {
-                if let Ok(c) = Cidr::new(dst, r.header.destination_prefix_length) {
-                    have.push((c, r));
-                }
-            }
-        }
+        let have = self.weft_routes(index, Some(HOST_METRIC)).await?;
         for (c, r) in have.iter().filter(|(c, _)| !cidrs.contains(c)) {
             self.handle
                 .route()

@@ -4,7 +4,7 @@
 //! never recreated to change one peer.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 
 use ipam::{PeerName, Ring};
 
@@ -18,6 +18,12 @@ pub struct Node {
 }
 
 impl Node {
+    /// A host outside Kubernetes (`weftctl peer add`): it owns the addresses it lists, not ring
+    /// ranges, and it neither gossips nor relays.
+    pub fn is_host(&self) -> bool {
+        self.spec.allowed_ips.is_some()
+    }
+
     /// This node's peer name in the IPAM ring: the one it publishes (kept across key rotations)
     /// when it is one of its own (`<name>/...`), else derived from its key (see
     /// [`crate::keys::ring_name`]).
@@ -51,14 +57,6 @@ pub enum Change {
     Update(WgPeer),
     /// A peer that is no longer in the mesh, by public key.
     Remove(String),
-}
-
-impl Node {
-    /// A host outside Kubernetes (`weftctl peer add`): it owns the addresses it lists, not ring
-    /// ranges, and it neither gossips nor relays.
-    pub fn is_host(&self) -> bool {
-        self.spec.allowed_ips.is_some()
-    }
 }
 
 /// Which of `peer`'s endpoints `me` should use: one an administrator forced; else, in the same
@@ -111,6 +109,17 @@ pub enum Path {
     Direct,
     Relayed(String),
     Unreachable,
+}
+
+/// As `weftctl peers` and the node API show it: `direct`, `via <node>`, `unreachable`.
+impl std::fmt::Display for Path {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Path::Direct => f.write_str("direct"),
+            Path::Relayed(r) => write!(f, "via {r}"),
+            Path::Unreachable => f.write_str("unreachable"),
+        }
+    }
 }
 
 /// The path from `me` to `peer` among `nodes` (see [`relay`]).
@@ -183,14 +192,12 @@ pub fn desired(me: &Node, others: &[Node], ring: &Ring) -> BTreeMap<String, WgPe
         match path(me, n, others) {
             Path::Direct => {
                 let mut allowed = owned(n, ring);
-                if let Ok(addr) = n.spec.mesh_address.parse::<Ipv6Addr>() {
+                if let Some(addr) = n.spec.mesh_v6() {
                     allowed.push(format!("{addr}/128"));
                 }
                 // Already checked by the caller (mesh4::holders): uncontested, from the name.
-                if let Some(addr) = n.spec.mesh_address_v4.as_ref() {
-                    if let Ok(a) = addr.parse::<std::net::Ipv4Addr>() {
-                        allowed.push(format!("{a}/32"));
-                    }
+                if let Some(addr) = n.spec.mesh_v4() {
+                    allowed.push(format!("{addr}/32"));
                 }
                 out.insert(
                     n.spec.public_key.clone(),

@@ -94,7 +94,6 @@ pub struct Device {
     api: Api,
     backend: Backend,
     port: u16,
-    mtu: u32,
 }
 
 impl std::fmt::Debug for Device {
@@ -176,6 +175,32 @@ async fn set_up(name: &str) -> Result<()> {
     crate::net::with_netlink(
         |h| async move { crate::net::set_link(&h, name, &what, |l| l.up()).await },
     )
+    .await
+}
+
+/// Brings an adopted interface to what this router wants: up, at `mtu`, with the mesh
+/// addresses (the previous router may have run with others), leaving its peers alone.
+async fn adopt(name: &str, mtu: u32, mesh: &[IpAddr]) -> Result<()> {
+    let what = format!("adopting {name} (MTU {mtu}, mesh addresses {mesh:?})");
+    crate::net::with_netlink(|h| async move {
+        crate::net::set_link(&h, name, &what, |l| l.mtu(mtu).up()).await?;
+        let index = crate::net::link_by_name(&h, name)
+            .await?
+            .map(|l| l.header.index)
+            .unwrap_or_default();
+        for m in host_masks(mesh) {
+            h.address()
+                .add(index, m.address, m.cidr)
+                .replace()
+                .execute()
+                .await
+                .map_err(|source| Error::Netlink {
+                    what: what.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    })
     .await
 }
 
@@ -341,7 +366,6 @@ impl Device {
             api,
             backend,
             port,
-            mtu,
         };
         // An interface left by the previous router keeps its peers and sessions when it has our
         // key and port: configuring it again would replace every peer (and drop the flows).
@@ -360,7 +384,7 @@ impl Device {
                     .is_some_and(|k| same_private_key(&k.to_string(), private_key))
         });
         if same {
-            set_up(name).await?;
+            adopt(name, mtu, mesh).await?;
             info!(
                 interface = name,
                 backend = backend.as_str(),
@@ -378,18 +402,9 @@ impl Device {
                 "the WireGuard interface left here has another key or port: configuring it afresh"
             );
         }
-        let cfg = InterfaceConfiguration {
-            name: name.to_string(),
-            prvkey: private_key.to_string(),
-            addresses: host_masks(mesh),
-            port,
-            peers: Vec::new(),
-            mtu: Some(mtu),
-            fwmark: None,
-        };
         device
             .ops()
-            .configure_interface(&cfg)
+            .configure_interface(&device.config(private_key, mesh, Some(mtu)))
             .map_err(wg_err(format!(
                 "configuring {name} (port {port}, mesh addresses {mesh:?})"
             )))?;
@@ -408,6 +423,24 @@ impl Device {
         Ok(device)
     }
 
+    /// The interface's configuration: no peers (the reconcile adds them), `mtu` if given.
+    fn config(
+        &self,
+        private_key: &str,
+        mesh: &[IpAddr],
+        mtu: Option<u32>,
+    ) -> InterfaceConfiguration {
+        InterfaceConfiguration {
+            name: self.name.clone(),
+            prvkey: private_key.to_string(),
+            addresses: host_masks(mesh),
+            port: self.port,
+            peers: Vec::new(),
+            mtu,
+            fwmark: None,
+        }
+    }
+
     /// Switches the interface to a new private key and the mesh address that goes with it
     /// (`weftctl rotate-key`). Every peer is dropped with the old key's sessions; the caller
     /// reconciles them back at once.
@@ -417,17 +450,9 @@ impl Device {
         mesh: &[IpAddr],
         old_mesh: &[IpAddr],
     ) -> Result<()> {
-        let cfg = InterfaceConfiguration {
-            name: self.name.clone(),
-            prvkey: private_key.to_string(),
-            addresses: host_masks(mesh),
-            port: self.port,
-            peers: Vec::new(),
-            mtu: Some(self.mtu),
-            fwmark: None,
-        };
+        // The MTU stays as the router keeps it (see crate::mtu), not as it was at start.
         self.ops()
-            .configure_interface(&cfg)
+            .configure_interface(&self.config(private_key, mesh, None))
             .map_err(wg_err(format!(
                 "switching {} to a new key (mesh addresses {mesh:?})",
                 self.name

@@ -364,10 +364,10 @@ async fn main() -> Result<()> {
         .context("--universe")?;
     let link = router::mtu::Path {
         mtu: default_link_mtu(),
-        v6: a.endpoint.is_some_and(|e| e.is_ipv6()),
+        v6: false, // set from the internal endpoint below
     };
     let mesh4_range: Cidr = a.mesh_ipv4_range.parse().context("--mesh-ipv4-range")?;
-    let cfg = Config {
+    let mut cfg = Config {
         mesh4_range,
         ipv6_disabled: router::mesh4::ipv6_disabled(),
         node: a.node,
@@ -495,7 +495,12 @@ async fn main() -> Result<()> {
         !placement.endpoints().is_empty() || placement.behind_nat(),
         "no endpoint for this node: give --endpoint (WEFT_ENDPOINT) ip:port, or --behind-nat"
     );
-    let me_spec = MeshPeerSpec {
+    // The underlay's family is known only now (the Node's InternalIP): IPv6 costs 20 bytes more.
+    cfg.link.v6 = placement.internal.is_some_and(|e| e.is_ipv6());
+    if !cfg.mtu_fixed {
+        cfg.mtu = router::mtu::tunnel(cfg.link, [], &[]);
+    }
+    let mut me_spec = MeshPeerSpec {
         public_key: identity.public_base64(),
         endpoints: placement.endpoints(),
         mesh_address: identity.mesh_address().to_string(),
@@ -514,9 +519,11 @@ async fn main() -> Result<()> {
         None => PeerStoreKind::Dir(DirStore::new(&cfg.peers_dir)?),
     };
     // Our IPv4 mesh address: the one we hold, else our first candidate no one holds.
-    let known = peers.snapshot().await.unwrap_or_default();
+    let known = peers.snapshot().await.unwrap_or_else(|e| {
+        warn!("listing MeshPeers to pick our IPv4 mesh address: {e}; picking without them");
+        Vec::new()
+    });
     let mesh4 = router::mesh4::pick(&cfg.node, me.as_str(), &known, cfg.mesh4_range);
-    let mut me_spec = me_spec;
     me_spec.mesh_address_v4 = Some(mesh4.to_string());
     let device = Device::open(
         &a.wg_interface,

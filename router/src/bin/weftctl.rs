@@ -179,28 +179,20 @@ fn host_spec(
         c.parse::<ipam::Cidr>()
             .map_err(|e| anyhow::anyhow!("--allowed-ips {c}: {e}"))?;
     }
-    Ok(router::meshpeer::MeshPeerSpec {
-        public_key: public_key.trim().to_string(),
-        endpoints: endpoint
-            .map(|e| router::meshpeer::Endpoint {
-                address: e.to_string(),
-                kind: router::meshpeer::EndpointKind::External,
-            })
-            .into_iter()
-            .collect(),
-        mesh_address: router::keys::mesh_address(&key).to_string(),
-        location: Some(location),
-        persistent_keepalive: endpoint
-            .is_none()
-            .then_some(router::placement::NAT_KEEPALIVE),
-        ring_name: None,
-        next_public_key: None,
-        mtu: None,
-        allowed_ips: Some(allowed_ips.to_vec()),
-        mesh_address_v4: None,
-        ipv6_disabled: false,
-        created: None,
-    })
+    use router::meshpeer::{Endpoint, EndpointKind, MeshPeerSpec};
+    let endpoints = endpoint
+        .map(|e| Endpoint::new(&e.to_string(), EndpointKind::External))
+        .into_iter()
+        .collect();
+    let mesh_address = router::keys::mesh_address(&key).to_string();
+    let mut spec = MeshPeerSpec::new(public_key.trim(), endpoints, &mesh_address);
+    spec.location = Some(location);
+    // Behind NAT (no endpoint): the host keeps its path to the nodes open.
+    spec.persistent_keepalive = endpoint
+        .is_none()
+        .then_some(router::placement::NAT_KEEPALIVE);
+    spec.allowed_ips = Some(allowed_ips.to_vec());
+    Ok(spec)
 }
 
 fn peer_cmd(cmd: PeerCmd) -> Result<()> {
