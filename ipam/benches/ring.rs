@@ -23,9 +23,15 @@ fn ring(bump: impl Fn(usize) -> bool) -> Ring {
             peer: peers[i % 200].clone(),
             version: 3 + u32::from(bump(i)),
             free: 100,
+            end: 0,
         })
         .collect::<Vec<_>>();
     entries[0].token = start;
+    let mut next = start + (1u32 << 20);
+    for e in entries.iter_mut().rev() {
+        e.end = next;
+        next = e.token;
+    }
     Ring::from_parts(
         universe(),
         Some(Seed {

@@ -13,12 +13,14 @@
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
-use crate::{AllocKey, Cidr, Entry, Error, Message, PeerName, Result, Ring, Seed, Space};
+use crate::{AllocKey, Cidr, Delta, Entry, Error, Message, PeerName, Result, Ring, Seed, Space};
 
 const RING_MAGIC: &[u8; 4] = b"WFTR";
 const MESSAGE_MAGIC: &[u8; 4] = b"WFTM";
 const STATE_MAGIC: &[u8; 4] = b"WFTS";
-const FORMAT: u8 = 1;
+/// 2: entries carry their end, and messages may carry parts of a ring. Format 1 (entries end
+/// at the next token) is still read: state saved by earlier versions, gossip from them.
+const FORMAT: u8 = 2;
 const MAX_NAME: usize = 253;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -74,6 +76,7 @@ impl Writer {
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
+    format: u8,
 }
 
 impl<'a> Reader<'a> {
@@ -98,7 +101,11 @@ impl<'a> Reader<'a> {
         if stored != computed {
             return Err(DecodeError::Checksum { stored, computed });
         }
-        Ok(Reader { buf: body, pos: 5 })
+        Ok(Reader {
+            buf: body,
+            pos: 5,
+            format: input[4],
+        })
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
@@ -175,10 +182,17 @@ impl<'a> Reader<'a> {
 }
 
 fn write_ring(w: &mut Writer, ring: &Ring) {
-    let u = ring.universe();
+    write_entries(w, ring.universe(), ring.seed(), ring.entries());
+}
+
+fn write_delta(w: &mut Writer, part: &Delta) {
+    write_entries(w, part.universe(), part.seed(), part.entries());
+}
+
+/// A ring or a part of one: the same form, a part's first token need not be the universe's.
+fn write_entries(w: &mut Writer, u: Cidr, seed: Option<&Seed>, entries: &[Entry]) {
     w.0.extend_from_slice(&u32::from(u.addr()).to_be_bytes());
     w.0.push(u.prefix());
-    let seed = ring.seed();
     w.0.push(u8::from(seed.is_some()));
     if let Some(seed) = seed {
         w.0.extend_from_slice(&seed.id.to_be_bytes());
@@ -188,7 +202,7 @@ fn write_ring(w: &mut Writer, ring: &Ring) {
     let all = seed
         .into_iter()
         .flat_map(|s| s.peers.iter())
-        .chain(ring.entries().iter().map(|e| &e.peer));
+        .chain(entries.iter().map(|e| &e.peer));
     for p in all {
         index.entry(p).or_insert_with(|| {
             names.push(p);
@@ -205,18 +219,31 @@ fn write_ring(w: &mut Writer, ring: &Ring) {
             w.varint(index[p]);
         }
     }
-    w.varint(ring.entries().len() as u64);
+    w.varint(entries.len() as u64);
     let mut prev = u32::from(u.addr());
-    for e in ring.entries() {
+    for e in entries {
         w.varint(u64::from(e.token.wrapping_sub(prev)));
         prev = e.token;
         w.varint(index[&e.peer]);
         w.varint(u64::from(e.version));
         w.varint(u64::from(e.free));
+        w.varint(u64::from(e.end.wrapping_sub(e.token)));
     }
 }
 
 fn read_ring(r: &mut Reader<'_>) -> Result<Ring, DecodeError> {
+    let (universe, seed, entries) = read_entries(r)?;
+    Ring::from_parts(universe, seed, entries).map_err(|e| DecodeError::Invalid(e.to_string()))
+}
+
+fn read_delta(r: &mut Reader<'_>) -> Result<Delta, DecodeError> {
+    let (universe, seed, entries) = read_entries(r)?;
+    Delta::from_parts(universe, seed, entries).map_err(|e| DecodeError::Invalid(e.to_string()))
+}
+
+type Parts = (Cidr, Option<Seed>, Vec<Entry>);
+
+fn read_entries(r: &mut Reader<'_>) -> Result<Parts, DecodeError> {
     let addr = Ipv4Addr::from(r.u32()?);
     let prefix = r.u8()?;
     let universe = Cidr::new(addr, prefix).map_err(|e| DecodeError::Invalid(e.to_string()))?;
@@ -265,14 +292,31 @@ fn read_ring(r: &mut Reader<'_>) -> Result<Ring, DecodeError> {
         let peer = peer(r.varint()?)?;
         let version = r.varint_u32("version")?;
         let free = r.varint_u32("free")?;
+        let end = if r.format >= 2 {
+            let len = r.varint_u32("entry length")?;
+            token
+                .checked_add(len)
+                .ok_or_else(|| DecodeError::Invalid("entry end overflows".into()))?
+        } else {
+            0
+        };
         entries.push(Entry {
             token,
             peer,
             version,
             free,
+            end,
         });
     }
-    Ring::from_parts(universe, seed, entries).map_err(|e| DecodeError::Invalid(e.to_string()))
+    if r.format < 2 {
+        // Format 1 had whole rings only: each entry ends where the next begins.
+        let mut next = universe.range().end;
+        for e in entries.iter_mut().rev() {
+            e.end = next;
+            next = e.token;
+        }
+    }
+    Ok((universe, seed, entries))
 }
 
 pub fn encode_ring(ring: &Ring) -> Vec<u8> {
@@ -290,6 +334,10 @@ pub fn decode_ring(input: &[u8]) -> Result<Ring> {
 
 const KIND_RING: u8 = 1;
 const KIND_SPACE_REQUEST: u8 = 2;
+const KIND_DIGEST: u8 = 3;
+const KIND_BUCKETS: u8 = 4;
+const KIND_ENTRIES: u8 = 5;
+const KIND_SNAPSHOT: u8 = 6;
 
 /// A pod allocation written before allocations recorded their network: read with network "".
 const ALLOC_POD_UNSCOPED: u8 = 0;
@@ -307,6 +355,38 @@ pub fn encode_message(from: &PeerName, msg: &Message) -> Vec<u8> {
             write_ring(&mut w, ring);
         }
         Message::SpaceRequest => w.0.push(KIND_SPACE_REQUEST),
+        Message::Digest { fingerprint, news } => {
+            w.0.push(KIND_DIGEST);
+            w.0.extend_from_slice(&fingerprint.to_be_bytes());
+            write_delta(&mut w, news);
+        }
+        Message::Buckets(sums) => {
+            w.0.push(KIND_BUCKETS);
+            w.varint(sums.len() as u64);
+            for s in sums {
+                w.0.extend_from_slice(&s.to_be_bytes());
+            }
+        }
+        Message::Entries { whole, part } => {
+            w.0.push(KIND_ENTRIES);
+            w.varint(whole.len() as u64);
+            for b in whole {
+                w.varint(u64::from(*b));
+            }
+            write_delta(&mut w, part);
+        }
+        Message::Snapshot {
+            fingerprint,
+            piece,
+            of,
+            part,
+        } => {
+            w.0.push(KIND_SNAPSHOT);
+            w.0.extend_from_slice(&fingerprint.to_be_bytes());
+            w.varint(u64::from(*piece));
+            w.varint(u64::from(*of));
+            write_delta(&mut w, part);
+        }
     }
     w.finish()
 }
@@ -318,6 +398,54 @@ pub fn decode_message(input: &[u8]) -> Result<(PeerName, Message)> {
         let msg = match r.u8()? {
             KIND_RING => Message::Ring(read_ring(&mut r)?),
             KIND_SPACE_REQUEST => Message::SpaceRequest,
+            KIND_DIGEST => Message::Digest {
+                fingerprint: r.u64()?,
+                news: read_delta(&mut r)?,
+            },
+            KIND_BUCKETS => {
+                let n = r.count("bucket")?;
+                if n > crate::BUCKETS {
+                    return Err(DecodeError::Invalid(format!("{n} buckets")));
+                }
+                Message::Buckets((0..n).map(|_| r.u64()).collect::<Result<_, _>>()?)
+            }
+            KIND_ENTRIES => {
+                let n = r.count("bucket")?;
+                let whole = (0..n)
+                    .map(|_| {
+                        let b = r.varint()?;
+                        u16::try_from(b)
+                            .ok()
+                            .filter(|b| usize::from(*b) < crate::BUCKETS)
+                            .ok_or_else(|| DecodeError::Invalid(format!("bucket {b}")))
+                    })
+                    .collect::<Result<_, _>>()?;
+                Message::Entries {
+                    whole,
+                    part: read_delta(&mut r)?,
+                }
+            }
+            KIND_SNAPSHOT => {
+                let fingerprint = r.u64()?;
+                let piece = r.varint()?;
+                let of = r.varint()?;
+                let (Ok(piece), Ok(of)) = (u16::try_from(piece), u16::try_from(of)) else {
+                    return Err(DecodeError::Invalid(format!(
+                        "snapshot piece {piece} of {of}"
+                    )));
+                };
+                if piece >= of {
+                    return Err(DecodeError::Invalid(format!(
+                        "snapshot piece {piece} of {of}"
+                    )));
+                }
+                Message::Snapshot {
+                    fingerprint,
+                    piece,
+                    of,
+                    part: read_delta(&mut r)?,
+                }
+            }
             k => return Err(DecodeError::Invalid(format!("unknown message kind {k}"))),
         };
         r.end()?;
@@ -397,12 +525,33 @@ mod tests {
         Ring::seeded("10.32.0.0/12".parse().unwrap(), seed).unwrap()
     }
 
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// A ring and a state file as weft wrote them before entries carried their end (format 1):
+    /// a router upgraded in place reads its saved state, and gossip from one not yet upgraded.
+    #[test]
+    fn format_1_still_reads() {
+        let v1 = "57465452010a2000000c01000000000000002a0201610162020001020000008080208080200100808020aba2232e";
+        assert_eq!(decode_ring(&hex(v1)).unwrap(), ring());
+        let v1 =
+            "574654530101610a2000000c01000000000000002a0201610162020001020000008080208080200100\
+                  808020010a2000010204776566740263310465746830f06ad81e";
+        let node = decode_state(&hex(&v1.replace(' ', ""))).unwrap();
+        assert_eq!(node.ring(), &ring());
+        assert_eq!(node.space().len(), 1);
+    }
+
     #[test]
     fn ring_round_trips_compactly() {
         let r = ring();
         let bytes = encode_ring(&r);
         assert_eq!(decode_ring(&bytes).unwrap(), r);
-        assert!(bytes.len() < 48, "{} bytes", bytes.len());
+        assert!(bytes.len() < 56, "{} bytes", bytes.len());
     }
 
     #[test]

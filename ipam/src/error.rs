@@ -15,13 +15,8 @@ pub enum Invariant {
     NotSorted { index: usize, token: u32 },
     #[error("token {} outside the universe {universe}", Ipv4Addr::from(*.token))]
     TokenOutOfRange { token: u32, universe: Cidr },
-    #[error("entry {} of {peer} claims {free} free addresses but holds only {size}", Ipv4Addr::from(*.token))]
-    FreeExceedsSize {
-        token: u32,
-        peer: PeerName,
-        free: u32,
-        size: u32,
-    },
+    #[error("entry {} ends at {}, not after its start and inside the universe", Ipv4Addr::from(*.token), Ipv4Addr::from(*.end))]
+    BadEnd { token: u32, end: u32 },
     #[error("a seeded ring has no entries")]
     SeededButEmpty,
     #[error("a ring with entries has no seed")]

@@ -14,7 +14,9 @@
 
 mod addr;
 pub mod codec;
+mod delta;
 mod error;
+mod gossip;
 mod node;
 mod orphans;
 mod peer;
@@ -23,8 +25,10 @@ pub mod sim;
 mod space;
 
 pub use addr::{Cidr, Range};
+pub use delta::{Delta, BUCKETS};
 pub use error::{Error, Invariant, Result};
-pub use node::{Message, Node, Outgoing, LOW_WATER};
+pub use gossip::{Message, Outgoing};
+pub use node::{Node, LOW_WATER};
 pub use orphans::Orphans;
 pub use peer::PeerName;
 pub use ring::{Entry, Ring, Seed};

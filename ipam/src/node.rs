@@ -1,30 +1,14 @@
 //! A peer's whole IPAM state — its ring view and its allocations — as a pure state machine.
 //! It never sends anything: it returns the messages to send, and the caller (the router's ring
-//! actor, or the simulator) moves them.
+//! actor, or the simulator) moves them. How it gossips is [`crate::gossip`].
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use rand::Rng;
 
-use crate::{AllocKey, Cidr, Error, PeerName, Range, Result, Ring, Seed, Space};
-
-/// What peers say to each other about the ring.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Message {
-    /// The sender's whole ring: periodic gossip, and the answer to a space request (a grant
-    /// shows up in it as ranges now owned by the requester).
-    Ring(Ring),
-    /// "I have no free space left: grant me some." Always answered with the sender's ring.
-    SpaceRequest,
-}
-
-/// A message for one peer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Outgoing {
-    pub to: PeerName,
-    pub msg: Message,
-}
+use crate::gossip::Gossip;
+use crate::{AllocKey, Cidr, Error, Message, Outgoing, PeerName, Range, Result, Ring, Seed, Space};
 
 /// Below this many free addresses a node asks a peer for more space — before an ADD fails, and
 /// again whenever its ranges fill up, not only when it owns nothing.
@@ -36,15 +20,30 @@ pub const LOW_WATER: u64 = 16;
 const DONOR_MIN_FREE: u64 = 2 * LOW_WATER;
 const DONOR_MIN_FREE_FOR_EMPTY: u64 = 2;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Node {
-    me: PeerName,
-    ring: Ring,
-    space: Space,
+    pub(crate) me: PeerName,
+    pub(crate) ring: Ring,
+    pub(crate) space: Space,
     /// Dead peers whose ranges we took over (we hold their reclaim lock). Gossip may still bring
     /// ranges granted to them that we had not seen; those are taken over as they arrive.
-    reclaimed: BTreeSet<PeerName>,
+    pub(crate) reclaimed: BTreeSet<PeerName>,
+    /// Where our gossip stands (see [`crate::gossip`]).
+    pub(crate) gossip: Gossip,
 }
+
+/// Two nodes are equal when their state is: what is still to be gossiped is not state (it is
+/// neither saved nor restored).
+impl PartialEq for Node {
+    fn eq(&self, other: &Self) -> bool {
+        self.me == other.me
+            && self.ring == other.ring
+            && self.space == other.space
+            && self.reclaimed == other.reclaimed
+    }
+}
+
+impl Eq for Node {}
 
 impl Node {
     /// A peer with an unseeded ring: it learns the ring by gossip, or seeds it.
@@ -54,6 +53,7 @@ impl Node {
             ring: Ring::new(universe)?,
             space: Space::new(universe),
             reclaimed: BTreeSet::new(),
+            gossip: Gossip::default(),
         })
     }
 
@@ -64,6 +64,7 @@ impl Node {
             ring,
             space,
             reclaimed: BTreeSet::new(),
+            gossip: Gossip::default(),
         };
         if let Some((addr, key)) = node.space.outside(&node.owned()).into_iter().next() {
             return Err(Error::NotMine {
@@ -134,13 +135,6 @@ impl Node {
             .sum()
     }
 
-    /// Our ring for gossip, with our free counts brought up to date first.
-    pub fn gossip(&mut self) -> Message {
-        let space = &self.space;
-        self.ring.report_free(&self.me, |r| space.free_in(r));
-        Message::Ring(self.ring.clone())
-    }
-
     /// Whether to ask a peer for space now: the ring is seeded and we have fewer than
     /// [`LOW_WATER`] free addresses (owning nothing counts as none). The router and the simulator
     /// both ask exactly when this says so; whom to ask is [`Node::space_request`].
@@ -178,38 +172,17 @@ impl Node {
             .collect()
     }
 
-    /// Handles a message from `from`; returns whether our ring changed and what to answer.
-    pub fn handle(&mut self, from: &PeerName, msg: &Message) -> Result<(bool, Option<Outgoing>)> {
-        match msg {
-            Message::Ring(ring) => {
-                let changed = self.ring.merge(ring, &self.me)?;
-                if changed {
-                    for dead in &self.reclaimed {
-                        self.ring.transfer(dead, &self.me);
-                    }
-                }
-                Ok((changed, None))
-            }
-            Message::SpaceRequest => {
-                let owned = self.owned();
-                let mut changed = false;
-                if from != &self.me && self.can_donate_to(from) {
-                    if let Some(range) = self.space.donation(&owned) {
-                        let space = &self.space;
-                        self.ring
-                            .grant(&self.me, range, from, |r| space.free_in(r))?;
-                        changed = true;
-                    }
-                }
-                Ok((
-                    changed,
-                    Some(Outgoing {
-                        to: from.clone(),
-                        msg: self.gossip(),
-                    }),
-                ))
-            }
+    /// Grants `to`, which asked, part of our free space if policy allows (see
+    /// [`Node::can_donate_to`]); the tokens whose entries changed.
+    pub(crate) fn donate(&mut self, to: &PeerName) -> Result<Vec<u32>> {
+        if to == &self.me || !self.can_donate_to(to) {
+            return Ok(Vec::new());
         }
+        let Some(range) = self.space.donation(&self.owned()) else {
+            return Ok(Vec::new());
+        };
+        let space = &self.space;
+        self.ring.grant(&self.me, range, to, |r| space.free_in(r))
     }
 
     /// Takes over every range of `dead`. Only for the holder of the reclaim lock on `dead`.
@@ -218,6 +191,6 @@ impl Node {
             return Vec::new();
         }
         self.reclaimed.insert(dead.clone());
-        self.ring.transfer(dead, &self.me)
+        self.take_over(dead)
     }
 }

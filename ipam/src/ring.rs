@@ -12,15 +12,23 @@ use std::fmt;
 
 use rand::Rng;
 
-use crate::{Cidr, Error, Invariant, PeerName, Range, Result};
+use crate::delta::{bucket_of, bucket_start, entry_hash, fingerprint, BUCKETS};
+use crate::{Cidr, Delta, Error, Invariant, PeerName, Range, Result};
 
-/// One token of the ring: `peer` owns `[token, next token)` and reports `free` addresses in it.
+/// One token of the ring: `peer` owns `[token, end)` (cut short by a next token, in a view
+/// that has not heard of this version yet) and reports `free` addresses in it.
+///
+/// The end is written with the entry, by the owner: a version of an entry always has the same
+/// end (an owner that splits its range bumps the entry's version). So an entry is a whole fact
+/// on its own, and whoever learns that it owns `[token, end)` learns exactly that, from any
+/// part of any ring, however stale the rest of its view.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
     pub token: u32,
     pub peer: PeerName,
     pub version: u32,
     pub free: u32,
+    pub end: u32,
 }
 
 /// The identity of a ring: decided once per cluster, atomically, by whoever seeded it.
@@ -48,11 +56,17 @@ impl fmt::Display for Seed {
 
 /// The shared ring. An unseeded ring has no entries; a seeded one always has an entry at the
 /// universe's first address, so the entries cover the universe without wrapping.
+///
+/// Free counts are what each owner last reported; a merged part of a ring can pair a count with
+/// a range since split, so readers clamp it to the range ([`Ring::free_by_peer`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ring {
     universe: Cidr,
     seed: Option<Seed>,
     entries: Vec<Entry>,
+    /// Per slice of the universe, the wrapping sum of its entries' hashes (see [`crate::delta`]);
+    /// kept up to date by every mutation, a function of `entries` alone.
+    sums: Vec<u64>,
 }
 
 impl Ring {
@@ -62,6 +76,7 @@ impl Ring {
             universe: universe.universe()?,
             seed: None,
             entries: Vec::new(),
+            sums: vec![0; BUCKETS],
         })
     }
 
@@ -89,32 +104,121 @@ impl Ring {
                 let first = i * blocks / n;
                 let last = (i + 1) * blocks / n;
                 let size = ((last - first) * block) as u32;
+                let token = range.start + (first * block) as u32;
                 Entry {
-                    token: range.start + (first * block) as u32,
+                    token,
                     peer: seed.peers[i as usize].clone(),
                     version: 0,
                     free: size,
+                    end: token + size,
                 }
             })
             .collect();
-        let ring = Ring {
-            universe,
-            seed: Some(seed),
-            entries,
-        };
+        let ring = Ring::with_entries(universe, Some(seed), entries);
         ring.check()?;
         Ok(ring)
     }
 
     /// Rebuilds a ring from decoded parts, checking every invariant.
     pub fn from_parts(universe: Cidr, seed: Option<Seed>, entries: Vec<Entry>) -> Result<Self> {
-        let ring = Ring {
-            universe: universe.universe()?,
-            seed,
-            entries,
-        };
+        let ring = Ring::with_entries(universe.universe()?, seed, entries);
         ring.check()?;
         Ok(ring)
+    }
+
+    fn with_entries(universe: Cidr, seed: Option<Seed>, entries: Vec<Entry>) -> Self {
+        let mut sums = vec![0u64; BUCKETS];
+        for e in &entries {
+            let b = bucket_of(universe, e.token);
+            sums[b] = sums[b].wrapping_add(entry_hash(e));
+        }
+        Ring {
+            universe,
+            seed,
+            entries,
+            sums,
+        }
+    }
+
+    /// Replaces entry `i`, keeping the bucket sums.
+    fn replace(&mut self, i: usize, e: Entry) {
+        let b = bucket_of(self.universe, e.token);
+        let old = entry_hash(&self.entries[i]);
+        self.sums[b] = self.sums[b].wrapping_sub(old).wrapping_add(entry_hash(&e));
+        self.entries[i] = e;
+    }
+
+    /// One number for the whole ring: equal rings have equal fingerprints, and an unseeded
+    /// ring's is 0.
+    pub fn fingerprint(&self) -> u64 {
+        fingerprint(self.seed.as_ref(), &self.sums)
+    }
+
+    /// The hash sums of the ring's slices ([`crate::delta::BUCKETS`] of them).
+    pub fn bucket_sums(&self) -> &[u64] {
+        &self.sums
+    }
+
+    /// The slice of the universe `token` falls in.
+    pub fn bucket_of(&self, token: u32) -> usize {
+        bucket_of(self.universe, token)
+    }
+
+    /// A part of the ring: the entries at the given indices.
+    fn part(&self, indices: impl IntoIterator<Item = usize>) -> Delta {
+        let picked: std::collections::BTreeSet<usize> = indices
+            .into_iter()
+            .filter(|&i| i < self.entries.len())
+            .collect();
+        Delta {
+            universe: self.universe,
+            seed: self.seed.clone(),
+            entries: picked
+                .into_iter()
+                .map(|i| self.entries[i].clone())
+                .collect(),
+        }
+    }
+
+    /// The entry at `token`, if there is one.
+    pub fn entry_at(&self, token: u32) -> Option<&Entry> {
+        let i = self
+            .entries
+            .binary_search_by_key(&token, |e| e.token)
+            .ok()?;
+        Some(&self.entries[i])
+    }
+
+    /// The entries at `tokens` (those this ring has).
+    pub fn part_at(&self, tokens: impl IntoIterator<Item = u32>) -> Delta {
+        let indices: Vec<usize> = tokens
+            .into_iter()
+            .filter_map(|t| self.entries.binary_search_by_key(&t, |e| e.token).ok())
+            .collect();
+        self.part(indices)
+    }
+
+    /// Every entry in the given slices of the universe.
+    pub fn part_of_buckets(&self, buckets: &[usize]) -> Delta {
+        let indices = buckets.iter().flat_map(|&b| {
+            let (from, to) = (
+                bucket_start(self.universe, b),
+                bucket_start(self.universe, b + 1),
+            );
+            let first = self.entries.partition_point(|e| u64::from(e.token) < from);
+            let end = self.entries.partition_point(|e| u64::from(e.token) < to);
+            first..end
+        });
+        self.part(indices.collect::<Vec<_>>())
+    }
+
+    /// The whole ring as a part (for the wire, and for merging a whole ring).
+    pub fn to_delta(&self) -> Delta {
+        Delta {
+            universe: self.universe,
+            seed: self.seed.clone(),
+            entries: self.entries.clone(),
+        }
     }
 
     pub fn universe(&self) -> Cidr {
@@ -133,10 +237,13 @@ impl Ring {
         self.seed.is_some()
     }
 
+    /// Where entry `i`'s range ends in this view: at its end, or earlier at the next token.
     fn end_of(&self, i: usize) -> u32 {
-        self.entries
+        let next = self
+            .entries
             .get(i + 1)
-            .map_or(self.universe.range().end, |e| e.token)
+            .map_or(self.universe.range().end, |e| e.token);
+        next.min(self.entries[i].end)
     }
 
     /// The addresses entry `i` owns.
@@ -173,27 +280,29 @@ impl Ring {
                     token: e.token,
                 });
             }
-            let size = self.end_of(i).wrapping_sub(e.token);
-            if e.free > size {
-                return Err(Invariant::FreeExceedsSize {
+            if e.end <= e.token || e.end > universe.end {
+                return Err(Invariant::BadEnd {
                     token: e.token,
-                    peer: e.peer.clone(),
-                    free: e.free,
-                    size,
+                    end: e.end,
                 });
             }
         }
+        debug_assert_eq!(
+            self.sums,
+            Ring::with_entries(self.universe, None, self.entries.clone()).sums,
+            "bucket sums out of step with the entries"
+        );
         Ok(())
     }
 
-    fn check_compatible(&self, other: &Ring) -> Result<()> {
-        if self.universe != other.universe {
+    fn check_compatible(&self, universe: Cidr, seed: Option<&Seed>) -> Result<()> {
+        if self.universe != universe {
             return Err(Error::DifferentUniverse {
                 mine: self.universe,
-                theirs: other.universe,
+                theirs: universe,
             });
         }
-        if let (Some(mine), Some(theirs)) = (&self.seed, &other.seed) {
+        if let (Some(mine), Some(theirs)) = (&self.seed, seed) {
             if mine != theirs {
                 return Err(Error::DifferentSeed {
                     mine: mine.to_string(),
@@ -207,99 +316,144 @@ impl Ring {
     /// The pure CRDT join of two rings (no ownership checks): tokens united, higher version wins.
     pub fn join(&self, other: &Ring) -> Result<Ring> {
         let mut out = self.clone();
-        out.merge_inner(other, None)?;
+        out.merge_part(
+            other.universe,
+            other.seed.as_ref(),
+            &other.entries,
+            true,
+            None,
+        )?;
         Ok(out)
     }
 
-    /// Merges gossip into the ring held by `me`. Refuses (and leaves the ring untouched) if the
-    /// gossip is from another cluster or universe, or would change a range `me` owns.
+    /// Merges a whole ring of gossip into the ring held by `me`; see [`Ring::merge_delta`].
     /// Returns whether anything changed.
     pub fn merge(&mut self, other: &Ring, me: &PeerName) -> Result<bool> {
-        self.merge_inner(other, Some(me))
+        let changed = self.merge_part(
+            other.universe,
+            other.seed.as_ref(),
+            &other.entries,
+            true,
+            Some(me),
+        )?;
+        Ok(!changed.is_empty())
     }
 
-    fn merge_inner(&mut self, other: &Ring, me: Option<&PeerName>) -> Result<bool> {
-        self.check_compatible(other)?;
-        if other.seed.is_none() {
-            return Ok(false);
-        }
-        if self.seed.is_none() {
-            *self = other.clone();
-            return Ok(true);
-        }
-        if self.entries == other.entries {
-            return Ok(false);
-        }
-        let (mine, theirs) = (&self.entries, &other.entries);
-        let mut out = Vec::with_capacity(mine.len().max(theirs.len()));
-        let mut changed = false;
-        // Owner of the addresses just before the next token, as far as our own ring knows.
-        let mut previous_mine: Option<&PeerName> = None;
-        let check_insert = |prev: Option<&PeerName>, e: &Entry| match (me, prev) {
-            (Some(me), Some(prev)) if prev == me && &e.peer != me => Err(Error::EntryInMyRange {
-                token: e.token,
-                peer: e.peer.clone(),
-            }),
-            _ => Ok(()),
+    /// Merges part of a ring into the ring held by `me`. Refuses (and leaves the ring untouched)
+    /// if the part is from another cluster or universe, or would change a range `me` owns.
+    /// Returns the tokens whose entries changed. An unseeded ring takes no part: it needs a
+    /// whole ring to start from.
+    pub fn merge_delta(&mut self, part: &Delta, me: &PeerName) -> Result<Vec<u32>> {
+        self.merge_part(
+            part.universe,
+            part.seed.as_ref(),
+            &part.entries,
+            false,
+            Some(me),
+        )
+    }
+
+    /// `whole`: `theirs` is a whole ring, which an unseeded ring adopts. A part never is: its
+    /// last entry's range would seem to run to the universe's end (see [`crate::delta`]).
+    fn merge_part(
+        &mut self,
+        universe: Cidr,
+        seed: Option<&Seed>,
+        theirs: &[Entry],
+        whole: bool,
+        me: Option<&PeerName>,
+    ) -> Result<Vec<u32>> {
+        self.check_compatible(universe, seed)?;
+        let (Some(seed), Some(first)) = (seed, theirs.first()) else {
+            return Ok(Vec::new());
         };
-        let (mut i, mut j) = (0, 0);
-        while i < mine.len() || j < theirs.len() {
-            let order = match (mine.get(i), theirs.get(j)) {
-                (Some(a), Some(b)) => a.token.cmp(&b.token),
-                (Some(_), None) => std::cmp::Ordering::Less,
-                _ => std::cmp::Ordering::Greater,
-            };
-            match order {
-                std::cmp::Ordering::Less => {
-                    out.push(mine[i].clone());
-                    previous_mine = Some(&mine[i].peer);
-                    i += 1;
+        if self.seed.is_none() {
+            if !whole || first.token != self.universe.range().start {
+                return Ok(Vec::new());
+            }
+            *self = Ring::from_parts(self.universe, Some(seed.clone()), theirs.to_vec())?;
+            return Ok(theirs.iter().map(|e| e.token).collect());
+        }
+        // Decide everything before changing anything, so a refused part leaves no trace.
+        let mut updates: Vec<(usize, &Entry)> = Vec::new();
+        let mut inserts: Vec<&Entry> = Vec::new();
+        for b in theirs {
+            if !self.universe.range().contains(b.token) {
+                return Err(Invariant::TokenOutOfRange {
+                    token: b.token,
+                    universe: self.universe,
                 }
-                std::cmp::Ordering::Greater => {
-                    check_insert(previous_mine, &theirs[j])?;
-                    out.push(theirs[j].clone());
-                    previous_mine = None;
-                    changed = true;
-                    j += 1;
-                }
-                std::cmp::Ordering::Equal => {
-                    let (a, b) = (&mine[i], &theirs[j]);
+                .into());
+            }
+            match self.entries.binary_search_by_key(&b.token, |e| e.token) {
+                Ok(i) => {
+                    let a = &self.entries[i];
                     if a.version > b.version || a == b {
-                        out.push(a.clone());
-                        previous_mine = Some(&a.peer);
-                    } else if a.version == b.version {
+                        continue;
+                    }
+                    if a.version == b.version {
                         return Err(Error::InconsistentEntry {
                             token: a.token,
                             version: a.version,
                             mine_peer: a.peer.clone(),
                             theirs_peer: b.peer.clone(),
                         });
-                    } else {
-                        if me == Some(&a.peer) {
-                            return Err(Error::NewerVersionOfMyEntry {
-                                token: a.token,
-                                mine: a.version,
-                                theirs: b.version,
-                            });
-                        }
-                        out.push(b.clone());
-                        previous_mine = None;
-                        changed = true;
                     }
-                    i += 1;
-                    j += 1;
+                    if me == Some(&a.peer) {
+                        return Err(Error::NewerVersionOfMyEntry {
+                            token: a.token,
+                            mine: a.version,
+                            theirs: b.version,
+                        });
+                    }
+                    updates.push((i, b));
+                }
+                Err(i) => {
+                    // i > 0: a seeded ring holds the universe's first token.
+                    let before = &self.entries[i - 1].peer;
+                    let inside = b.token < self.end_of(i - 1);
+                    if me.is_some_and(|me| before == me && &b.peer != me && inside) {
+                        return Err(Error::EntryInMyRange {
+                            token: b.token,
+                            peer: b.peer.clone(),
+                        });
+                    }
+                    inserts.push(b);
                 }
             }
         }
-        if changed {
-            let merged = Ring {
-                universe: self.universe,
-                seed: self.seed.clone(),
-                entries: out,
-            };
-            merged.check()?;
-            *self = merged;
+        let mut changed: Vec<u32> = Vec::with_capacity(updates.len() + inserts.len());
+        for (i, b) in updates {
+            changed.push(b.token);
+            self.replace(i, b.clone());
         }
+        if !inserts.is_empty() {
+            for b in &inserts {
+                changed.push(b.token);
+                let k = bucket_of(self.universe, b.token);
+                self.sums[k] = self.sums[k].wrapping_add(entry_hash(b));
+            }
+            if inserts.len() <= 16 {
+                // A few new tokens: shifting in place beats building a new list.
+                for b in inserts.into_iter().rev() {
+                    let at = self.entries.partition_point(|e| e.token < b.token);
+                    self.entries.insert(at, b.clone());
+                }
+            } else {
+                let old = std::mem::take(&mut self.entries);
+                let mut out = Vec::with_capacity(old.len() + inserts.len());
+                let mut new = inserts.into_iter().peekable();
+                for e in old {
+                    while let Some(b) = new.next_if(|b| b.token < e.token) {
+                        out.push(b.clone());
+                    }
+                    out.push(e);
+                }
+                out.extend(new.cloned());
+                self.entries = out;
+            }
+        }
+        self.check()?;
         Ok(changed)
     }
 
@@ -310,21 +464,23 @@ impl Ring {
         Some(self.entries.partition_point(|e| e.token <= addr) - 1)
     }
 
-    /// The peer owning `addr`, if the ring is seeded and `addr` is in the universe.
+    /// The peer owning `addr` as far as this ring knows (none for an address past the end of
+    /// the entry before it, in a view that has not heard who owns it).
     pub fn owner(&self, addr: u32) -> Option<&PeerName> {
-        self.index_of(addr).map(|i| &self.entries[i].peer)
+        let i = self.index_of(addr)?;
+        (addr < self.end_of(i)).then(|| &self.entries[i].peer)
     }
 
     /// Gives `range` (which `me` must own entirely, and which must be entirely free according to
     /// `free_of`) to `to`. `free_of` counts the free addresses `me` has in a range; it keeps the
-    /// free counts of `me`'s remaining entries exact.
+    /// free counts of `me`'s remaining entries exact. Returns the tokens whose entries changed.
     pub fn grant(
         &mut self,
         me: &PeerName,
         range: Range,
         to: &PeerName,
         free_of: impl Fn(Range) -> u32,
-    ) -> Result<()> {
+    ) -> Result<Vec<u32>> {
         let universe = self.universe.range();
         if range.is_empty() || range.start < universe.start || range.end > universe.end || me == to
         {
@@ -332,11 +488,19 @@ impl Ring {
         }
         let first = self.index_of(range.start).ok_or(Error::NotSeeded)?;
         let last = self.index_of(range.end - 1).ok_or(Error::NotSeeded)?;
-        if let Some(e) = self.entries[first..=last].iter().find(|e| &e.peer != me) {
+        let mine = self.owned_ranges(me);
+        if !mine
+            .iter()
+            .any(|r| r.start <= range.start && range.end <= r.end)
+        {
+            let owner = (first..=last)
+                .map(|i| &self.entries[i].peer)
+                .find(|p| p != &me)
+                .map_or("nobody this ring knows of".into(), |p| p.to_string());
             return Err(Error::NotOwner {
                 range,
                 me: me.clone(),
-                owner: e.peer.to_string(),
+                owner,
             });
         }
         if free_of(range) != range.size() {
@@ -350,11 +514,12 @@ impl Ring {
         entries.extend_from_slice(&self.entries[..first]);
         let head = &self.entries[first];
         if head.token < range.start {
-            // Our entry is cut short by the new token: bump it so nobody pairs its old free
-            // count with the smaller size.
+            // Our entry is cut short by the new token: a new version, with its new end and
+            // free count.
             entries.push(Entry {
                 free: free_of(Range::new(head.token, range.start)),
                 version: head.version + 1,
+                end: range.start,
                 ..head.clone()
             });
             entries.push(Entry {
@@ -362,14 +527,17 @@ impl Ring {
                 peer: to.clone(),
                 version: 0,
                 free: 0,
+                end: self.end_of(first).min(range.end),
             });
         }
-        for e in &self.entries[first..=last] {
+        for i in first..=last {
+            let e = &self.entries[i];
             if e.token >= range.start {
                 entries.push(Entry {
                     peer: to.clone(),
                     version: e.version + 1,
                     free: 0,
+                    end: self.end_of(i).min(range.end),
                     ..e.clone()
                 });
             }
@@ -381,22 +549,31 @@ impl Ring {
                 peer: me.clone(),
                 version: 0,
                 free: free_of(Range::new(range.end, tail_end)),
+                end: tail_end,
             });
         }
         entries.extend_from_slice(&self.entries[last + 1..]);
-        let mut ring = Ring {
-            universe: self.universe,
-            seed: self.seed.clone(),
-            entries,
-        };
+        let mut ring = Ring::with_entries(self.universe, self.seed.clone(), entries);
         for i in 0..ring.entries.len() {
             if &ring.entries[i].peer == to && range.contains(ring.entries[i].token) {
-                ring.entries[i].free = ring.entry_range(i).size();
+                let free = ring.entry_range(i).size();
+                ring.replace(
+                    i,
+                    Entry {
+                        free,
+                        ..ring.entries[i].clone()
+                    },
+                );
             }
         }
         ring.check()?;
+        let changed = ring.entries[first..]
+            .iter()
+            .take_while(|e| e.token <= range.end)
+            .map(|e| e.token)
+            .collect();
         *self = ring;
-        Ok(())
+        Ok(changed)
     }
 
     /// Hands every range of `from` (a peer that is gone) to `to`, which reports them all free:
@@ -407,10 +584,14 @@ impl Ring {
         for i in 0..self.entries.len() {
             if &self.entries[i].peer == from {
                 let range = self.entry_range(i);
-                let e = &mut self.entries[i];
-                e.peer = to.clone();
-                e.version += 1;
-                e.free = range.size();
+                let e = &self.entries[i];
+                let taken = Entry {
+                    peer: to.clone(),
+                    version: e.version + 1,
+                    free: range.size(),
+                    ..e.clone()
+                };
+                self.replace(i, taken);
                 moved.push(range);
             }
         }
@@ -418,21 +599,46 @@ impl Ring {
         coalesce(moved)
     }
 
-    /// Updates the free counts of `me`'s entries; returns whether any changed.
-    pub fn report_free(&mut self, me: &PeerName, free_of: impl Fn(Range) -> u32) -> bool {
-        let mut changed = false;
+    /// Updates the free counts of `me`'s entries; returns the tokens whose counts changed.
+    pub fn report_free(&mut self, me: &PeerName, free_of: impl Fn(Range) -> u32) -> Vec<u32> {
+        self.report_free_if(me, free_of, |_, _| true)
+    }
+
+    /// Updates the free counts of `me`'s entries where `worth(old, new)` says the change is
+    /// worth a new version (each one is gossip every peer receives).
+    pub fn report_free_if(
+        &mut self,
+        me: &PeerName,
+        free_of: impl Fn(Range) -> u32,
+        worth: impl Fn(u32, u32) -> bool,
+    ) -> Vec<u32> {
+        let mut changed = Vec::new();
         for i in 0..self.entries.len() {
             if &self.entries[i].peer == me {
-                let free = free_of(self.entry_range(i)).min(self.entry_range(i).size());
-                let e = &mut self.entries[i];
-                if e.free != free {
-                    e.free = free;
-                    e.version += 1;
-                    changed = true;
+                let range = self.entry_range(i);
+                let free = free_of(range).min(range.size());
+                let e = &self.entries[i];
+                if e.free != free && worth(e.free, free) {
+                    let e = Entry {
+                        free,
+                        version: e.version + 1,
+                        ..e.clone()
+                    };
+                    changed.push(e.token);
+                    self.replace(i, e);
                 }
             }
         }
         changed
+    }
+
+    /// The tokens of the entries inside `range`.
+    pub fn tokens_in(&self, range: Range) -> Vec<u32> {
+        self.entries
+            .iter()
+            .filter(|e| range.contains(e.token))
+            .map(|e| e.token)
+            .collect()
     }
 
     /// The ranges `peer` owns, adjacent ones joined, in address order.
@@ -461,11 +667,13 @@ impl Ring {
             .collect()
     }
 
-    /// Total free addresses per peer, as last reported by each owner.
+    /// Total free addresses per peer, as last reported by each owner (a count from before a
+    /// split this ring knows of is capped at the range's size now).
     pub fn free_by_peer(&self) -> BTreeMap<PeerName, u64> {
         let mut out = BTreeMap::new();
-        for e in &self.entries {
-            *out.entry(e.peer.clone()).or_insert(0) += u64::from(e.free);
+        for (i, e) in self.entries.iter().enumerate() {
+            let free = e.free.min(self.entry_range(i).size());
+            *out.entry(e.peer.clone()).or_insert(0) += u64::from(free);
         }
         out
     }
@@ -598,7 +806,6 @@ mod tests {
         // A token planted inside a's range by somebody else, without touching a's entry.
         let start = universe().range().start;
         let mut entries = a.entries().to_vec();
-        entries[0].free = 8;
         entries.insert(
             1,
             Entry {
@@ -606,13 +813,17 @@ mod tests {
                 peer: p("b"),
                 version: 0,
                 free: 0,
+                end: start + 16,
             },
         );
         let planted = Ring::from_parts(universe(), a.seed().cloned(), entries).unwrap();
-        let mut a_low_free = a.clone();
-        a_low_free.entries[0].free = 8;
         assert!(matches!(
-            a_low_free.merge(&planted, &p("a")),
+            a.merge(&planted, &p("a")),
+            Err(Error::EntryInMyRange { .. })
+        ));
+        let part = planted.part_at([start + 8]);
+        assert!(matches!(
+            a.merge_delta(&part, &p("a")),
             Err(Error::EntryInMyRange { .. })
         ));
         assert_eq!(a, ring(&["a", "b"]));

@@ -68,6 +68,10 @@ pub struct Report {
     pub bytes: u64,
     pub largest_message: usize,
     pub ring_entries: usize,
+    /// Bytes each live peer sent per round, on average, over [`STEADY_ROUNDS`] rounds once the
+    /// ring has converged and the last news is spread: nothing changing (a round is the
+    /// router's gossip second).
+    pub steady_bytes_per_node_round: f64,
     pub space_requests: u64,
     pub reclaims: u64,
     pub allocations: usize,
@@ -118,17 +122,14 @@ struct Sim {
     partition: Option<std::ops::Range<usize>>,
 }
 
-/// Rounds between a peer's death and the deletion of its Node, when live peers start racing to
-/// reclaim it. Reclaiming is only safe once the dead peer's last grants have spread by gossip
-/// (see README: a cluster deletes a Node minutes after it died; the router adds a grace period).
-const GRACE: usize = 12;
+/// Rounds between a peer's death (and the deletion of its Node) and the live peers racing to
+/// reclaim it: the router's `--reclaim-grace` default, 30 s, a round being its gossip second.
+/// Reclaiming is only safe once the dead peer's last grants have spread by gossip: with 5000
+/// peers joining at 100 a second right after a partition healed, 12 rounds were not enough.
+const GRACE: usize = 30;
 
-fn versions(ring: &crate::Ring) -> u64 {
-    ring.entries()
-        .iter()
-        .map(|e| u64::from(e.version) + 1)
-        .sum()
-}
+/// Rounds of quiet gossip measured after convergence.
+pub const STEADY_ROUNDS: usize = 10;
 
 fn name(i: usize) -> PeerName {
     PeerName::new(&format!("node-{i:04}"))
@@ -238,10 +239,12 @@ impl Sim {
             if changed && matches!(msg, Message::SpaceRequest) {
                 self.last_mutation = self.round;
             }
-            if let Some(reply) = reply {
+            for reply in reply {
                 self.send(to, reply)?;
             }
-            if matches!(msg, Message::Ring(_)) && self.peers[to].waiting && self.index[sender] != to
+            if matches!(msg, Message::Digest { .. })
+                && self.peers[to].waiting
+                && self.index[sender] != to
             {
                 self.peers[to].waiting = false;
             }
@@ -254,9 +257,9 @@ impl Sim {
             .filter(|&i| self.peers[i].live)
             .collect();
         for &i in &live {
-            let before = versions(self.peers[i].node.ring());
+            let before = self.peers[i].node.ring().fingerprint();
             let msg = self.peers[i].node.gossip();
-            if versions(self.peers[i].node.ring()) != before {
+            if self.peers[i].node.ring().fingerprint() != before {
                 self.last_mutation = self.round;
             }
             let targets: Vec<usize> = live
@@ -278,7 +281,9 @@ impl Sim {
             if !self.peers[i].live {
                 continue;
             }
-            self.allocate_pods(i)?;
+            if self.peers[i].node.space().len() < self.cfg.pods_per_peer {
+                self.allocate_pods(i)?;
+            }
             if !self.peers[i].waiting && self.peers[i].node.wants_space() {
                 self.ask_for_space(i)?;
             }
@@ -328,10 +333,12 @@ impl Sim {
         }
     }
 
+    /// Whether every live peer holds the same ring, by fingerprint (the final checks compare
+    /// the rings themselves).
     fn converged(&self) -> bool {
         let mut live = self.peers.iter().filter(|p| p.live);
-        let first = live.next().map(|p| p.node.ring());
-        live.all(|p| Some(p.node.ring()) == first)
+        let first = live.next().map(|p| p.node.ring().fingerprint());
+        live.all(|p| Some(p.node.ring().fingerprint()) == first)
     }
 
     fn step(&mut self) -> Result<(), SimError> {
@@ -379,6 +386,12 @@ impl Sim {
             .ok_or_else(|| SimError::Violation("no live peer".into()))?;
         let mut seen: BTreeSet<Ipv4Addr> = BTreeSet::new();
         for p in self.peers.iter().filter(|p| p.live) {
+            if p.node.ring() != &ring {
+                return Err(SimError::Violation(format!(
+                    "{} holds a different ring with the same fingerprint",
+                    p.node.me()
+                )));
+            }
             if p.node.owned().is_empty() {
                 return Err(SimError::Violation(format!(
                     "{} (joined round {}) never got space",
@@ -510,6 +523,23 @@ pub fn run(cfg: Config) -> Result<Report, SimError> {
         }
     }
     sim.final_checks()?;
+    let converged_at = sim.converged_at.unwrap_or(sim.round);
+    let last_mutation = sim.last_mutation;
+    // Steady state begins when the last news has been spread and forgotten.
+    for _ in 0..2 * STEADY_ROUNDS {
+        if !sim.peers.iter().any(|p| p.live && p.node.has_news()) {
+            break;
+        }
+        sim.step()?;
+    }
+    let bytes_before = sim.report.bytes;
+    for _ in 0..STEADY_ROUNDS {
+        sim.step()?;
+    }
+    let live_peers = sim.peers.iter().filter(|p| p.live).count().max(1);
+    sim.report.steady_bytes_per_node_round =
+        (sim.report.bytes - bytes_before) as f64 / (STEADY_ROUNDS * live_peers) as f64;
+    sim.final_checks()?;
     let live = sim
         .peers
         .iter()
@@ -522,7 +552,7 @@ pub fn run(cfg: Config) -> Result<Report, SimError> {
         .filter(|p| p.live)
         .map(|p| p.node.space().len())
         .sum();
-    sim.report.rounds_to_converge = sim.converged_at.unwrap_or(sim.round) - sim.last_mutation;
+    sim.report.rounds_to_converge = converged_at - last_mutation;
     sim.report.total_rounds = sim.round;
     sim.report.wall = start.elapsed();
     Ok(sim.report)

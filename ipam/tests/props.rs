@@ -14,6 +14,9 @@ use proptest::prelude::*;
 
 const PEERS: usize = 5;
 
+/// A conversation delivered to its end (it always ends: see `Node::handle`).
+const ALL: usize = 1000;
+
 #[derive(Clone, Debug)]
 enum Op {
     Allocate {
@@ -24,9 +27,18 @@ enum Op {
         peer: usize,
         pod: u8,
     },
+    /// `from` gossips to `to`; the conversation it starts (digest, slices, slices back) is cut
+    /// after `hops` messages.
     Gossip {
         from: usize,
         to: usize,
+        hops: usize,
+    },
+    /// `from` sends `to` an arbitrary part of its ring: the entries picked by `mask`.
+    Part {
+        from: usize,
+        to: usize,
+        mask: u64,
     },
     /// `asker` asks `donor` for space; the answer (carrying any grant) is lost if `lose_reply`.
     AskSpace {
@@ -47,7 +59,8 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (p.clone(), 0u8..12).prop_map(|(peer, pod)| Op::Allocate { peer, pod }),
         2 => (p.clone(), 0u8..12).prop_map(|(peer, pod)| Op::Release { peer, pod }),
-        5 => (p.clone(), p.clone()).prop_map(|(from, to)| Op::Gossip { from, to }),
+        5 => (p.clone(), p.clone(), 1usize..6).prop_map(|(from, to, hops)| Op::Gossip { from, to, hops }),
+        2 => (p.clone(), p.clone(), any::<u64>()).prop_map(|(from, to, mask)| Op::Part { from, to, mask }),
         3 => (p.clone(), p.clone(), any::<bool>())
             .prop_map(|(asker, donor, lose_reply)| Op::AskSpace { asker, donor, lose_reply }),
         1 => (p.clone(), p).prop_map(|(dead, heir)| Op::Kill { dead, heir }),
@@ -92,13 +105,27 @@ impl Cluster {
         }
     }
 
-    fn deliver(&mut self, from: usize, to: usize, msg: &Message) -> Option<Message> {
-        // Every message crosses the wire form, as it does between routers.
-        let (sender, msg) = decode_message(&encode_message(&name(from), msg)).unwrap();
-        let (_, reply) = self.nodes[to]
-            .handle(&sender, &msg)
-            .unwrap_or_else(|e| panic!("p{to} rejected {msg:?} from p{from}: {e}"));
-        reply.map(|o| o.msg)
+    /// Delivers `msg` and the conversation it starts (answers, their answers), at most `hops`
+    /// messages of it; the rest is lost.
+    fn deliver(&mut self, from: usize, to: usize, msg: Message, hops: usize) {
+        let mut queue = std::collections::VecDeque::from([(from, to, msg)]);
+        for _ in 0..hops {
+            let Some((from, to, msg)) = queue.pop_front() else {
+                return;
+            };
+            if !self.live[to] {
+                continue;
+            }
+            // Every message crosses the wire form, as it does between routers.
+            let (sender, msg) = decode_message(&encode_message(&name(from), &msg)).unwrap();
+            let (_, replies) = self.nodes[to]
+                .handle(&sender, &msg)
+                .unwrap_or_else(|e| panic!("p{to} rejected {msg:?} from p{from}: {e}"));
+            for r in replies {
+                let back = (0..PEERS).find(|&i| name(i) == r.to).unwrap();
+                queue.push_back((to, back, r.msg));
+            }
+        }
     }
 
     fn apply(&mut self, op: &Op) {
@@ -115,19 +142,35 @@ impl Cluster {
             Op::Release { peer, pod } if self.live[peer] => {
                 self.nodes[peer].release(&AllocKey::pod("weft", &format!("c{pod}"), "eth0"));
             }
-            Op::Gossip { from, to } if from != to && self.live[from] && self.live[to] => {
+            Op::Gossip { from, to, hops } if from != to && self.live[from] && self.live[to] => {
                 let msg = self.nodes[from].gossip();
-                self.deliver(from, to, &msg);
+                self.deliver(from, to, msg, hops);
+            }
+            Op::Part { from, to, mask } if from != to && self.live[from] && self.live[to] => {
+                let ring = self.nodes[from].ring();
+                let tokens = ring
+                    .entries()
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| mask >> (i % 64) & 1 == 1);
+                let part = ring.part_at(tokens.map(|(_, e)| e.token).collect::<Vec<_>>());
+                self.deliver(
+                    from,
+                    to,
+                    Message::Entries {
+                        whole: Vec::new(),
+                        part,
+                    },
+                    1,
+                );
             }
             Op::AskSpace {
                 asker,
                 donor,
                 lose_reply,
             } if asker != donor && self.live[asker] && self.live[donor] => {
-                let reply = self.deliver(asker, donor, &Message::SpaceRequest);
-                if let (Some(reply), false) = (reply, lose_reply) {
-                    self.deliver(donor, asker, &reply);
-                }
+                let hops = if lose_reply { 1 } else { ALL };
+                self.deliver(asker, donor, Message::SpaceRequest, hops);
             }
             Op::Kill { dead, heir }
                 if dead != heir
@@ -135,15 +178,15 @@ impl Cluster {
                     && self.live[heir]
                     && self.live.iter().filter(|l| **l).count() > 2 =>
             {
-                let last = self.nodes[dead].gossip();
-                self.live[dead] = false;
                 // The grace period before a Node is deleted: its last ring, and everything the
                 // live peers know, has spread.
                 for to in 0..PEERS {
-                    if self.live[to] {
-                        self.deliver(dead, to, &last);
+                    if self.live[to] && to != dead {
+                        let last = self.nodes[dead].gossip();
+                        self.deliver(dead, to, last, ALL);
                     }
                 }
+                self.live[dead] = false;
                 self.quiesce();
                 assert!(self.leases.insert(dead), "p{dead} reclaimed twice");
                 self.nodes[heir].reclaim(&name(dead));
@@ -188,7 +231,7 @@ impl Cluster {
         }
     }
 
-    /// All-pairs gossip until nothing changes; returns the rounds it took.
+    /// All-pairs gossip until nothing changes and no news is left; returns the rounds it took.
     fn quiesce(&mut self) -> usize {
         for round in 1..50 {
             let before: Vec<Ring> = self.nodes.iter().map(|n| n.ring().clone()).collect();
@@ -196,11 +239,14 @@ impl Cluster {
                 for to in 0..PEERS {
                     if from != to && self.live[from] && self.live[to] {
                         let msg = self.nodes[from].gossip();
-                        self.deliver(from, to, &msg);
+                        self.deliver(from, to, msg, ALL);
                     }
                 }
             }
-            if self.nodes.iter().zip(&before).all(|(n, b)| n.ring() == b) {
+            // Settled: nothing changed, and no news is left to spread (while there is, peers
+            // put off comparing slices).
+            let news = (0..PEERS).any(|i| self.live[i] && self.nodes[i].has_news());
+            if !news && self.nodes.iter().zip(&before).all(|(n, b)| n.ring() == b) {
                 return round;
             }
         }
@@ -211,7 +257,7 @@ impl Cluster {
 fn op_peer(op: &Op) -> usize {
     match *op {
         Op::Allocate { peer, .. } | Op::Release { peer, .. } => peer,
-        Op::Gossip { to, .. } => to,
+        Op::Gossip { to, .. } | Op::Part { to, .. } => to,
         Op::AskSpace { asker, .. } => asker,
         Op::Kill { heir, .. } => heir,
     }

@@ -17,9 +17,11 @@ fn seed_or(default: u64) -> u64 {
 
 fn print(label: &str, seed: u64, r: &Report) {
     println!(
-        "{label}: seed={seed} rounds_to_converge={} total_rounds={} wall={:.2}s messages={} \
-         bytes={} largest_message={}B ring_entries={} space_requests={} reclaims={} allocations={}",
+        "{label}: seed={seed} rounds_to_converge={} steady_bytes_per_node_s={:.0} \
+         total_rounds={} wall={:.2}s messages={} bytes={} largest_message={}B ring_entries={} \
+         space_requests={} reclaims={} allocations={}",
         r.rounds_to_converge,
+        r.steady_bytes_per_node_round,
         r.total_rounds,
         r.wall.as_secs_f64(),
         r.messages,
@@ -44,6 +46,34 @@ fn sim_1000_peers_converge_without_overlap() {
         "each deleted peer reclaimed exactly once"
     );
     assert_eq!(report.allocations, (1000 - deletions as usize) * 3);
+}
+
+/// The scale the ring's gossip is built for: digests of a few dozen bytes once everything agrees,
+/// slices of the ring (never the whole ring) when peers differ. A round is the router's gossip
+/// second, so bytes per round are bytes per second.
+#[test]
+fn sim_5000_peers_gossip_deltas() {
+    let seed = seed_or(5000);
+    let cfg = Config::new(seed, 5000);
+    let deletions = cfg.deletions;
+    let report = run(cfg).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    print("sim 5000 peers", seed, &report);
+    assert_eq!(report.allocations, (5000 - deletions) * 3);
+    assert!(
+        report.largest_message <= 65_507,
+        "a message of {} bytes does not fit a UDP datagram",
+        report.largest_message
+    );
+    assert!(
+        report.rounds_to_converge <= 12,
+        "{} rounds to converge",
+        report.rounds_to_converge
+    );
+    assert!(
+        report.steady_bytes_per_node_round <= 1024.0,
+        "{:.0} bytes per node per round with nothing changing",
+        report.steady_bytes_per_node_round
+    );
 }
 
 #[test]

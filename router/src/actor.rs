@@ -173,8 +173,8 @@ impl Actor {
         }
     }
 
-    /// Our ring for gossip (its free counts refreshed, which is a change of its own), once the
-    /// refreshed ring is on disk.
+    /// Our digest (fingerprint and latest changes; our free counts refreshed first, which is a
+    /// change of its own), once the refreshed ring is on disk.
     fn ring_message(&mut self) -> Option<ipam::Message> {
         let before = self.node.clone();
         let msg = self.node.gossip();
@@ -528,9 +528,11 @@ impl Actor {
     async fn send_all(&mut self, out: Vec<ipam::Outgoing>) {
         if let Some(mesh) = &self.mesh {
             for o in out {
-                let sent = mesh.send(self.node.me(), &o.to, &o.msg).await;
-                if matches!(o.msg, ipam::Message::Ring(_)) {
-                    self.unsent = sent.err();
+                // A message too big for a datagram is shown until a digest goes out again.
+                match mesh.send(self.node.me(), &o.to, &o.msg).await {
+                    Err(e) => self.unsent = Some(e),
+                    Ok(()) if matches!(o.msg, ipam::Message::Digest { .. }) => self.unsent = None,
+                    Ok(()) => {}
                 }
             }
         }
@@ -552,14 +554,14 @@ impl Actor {
         let before = self.node.clone();
         let owned_before = self.node.owned();
         match self.node.handle(&inbound.from, &inbound.msg) {
-            Ok((changed, reply)) => {
+            Ok((changed, replies)) => {
                 if !self.commit(before) {
                     return;
                 }
                 if changed {
                     self.settle().await;
                 }
-                let mut out: Vec<ipam::Outgoing> = reply.into_iter().collect();
+                let mut out = replies;
                 if self.node.owned() != owned_before {
                     // We granted space or received it: tell everyone now, not at the next tick,
                     // so their AllowedIPs and routes follow at once.
@@ -601,7 +603,7 @@ impl Actor {
         out
     }
 
-    /// Our ring (once on disk) for each of `to`.
+    /// Our digest (once on disk) for each of `to`.
     fn ring_to(&mut self, to: Vec<ipam::PeerName>) -> Vec<ipam::Outgoing> {
         if to.is_empty() {
             return Vec::new();
@@ -617,7 +619,7 @@ impl Actor {
             .collect()
     }
 
-    /// Our ring for every mesh peer.
+    /// Our digest for every mesh peer: a grant's news reaches everyone at once.
     fn broadcast(&mut self) -> Vec<ipam::Outgoing> {
         let names = self
             .mesh
