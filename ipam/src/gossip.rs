@@ -54,7 +54,7 @@ pub struct Outgoing {
 
 /// Digests a changed entry rides in. With three targets per round, news reaches nearly every
 /// peer by pushing alone; anti-entropy finds the few it missed.
-const RUMOR_ROUNDS: u8 = 4;
+const RUMOR_ROUNDS: u8 = 3;
 
 /// Estimated bytes of entries per message, well under a UDP datagram (64 KiB) with room for the
 /// name table's worst case.
@@ -65,8 +65,8 @@ const PART_BUDGET: usize = 32 * 1024;
 const NEWS_BUDGET: usize = 16 * 1024;
 
 /// While news is still spreading, a differing fingerprint is mostly news in flight: a peer
-/// starts comparing slices then at most once in this many rounds. When the digest carried no
-/// news (its sender's view has settled), at once.
+/// starts comparing slices then at most once in this many rounds. With no news on either end,
+/// at once.
 const SYNC_EVERY: u64 = 8;
 
 /// Whether a range's free count moved enough to tell every peer: peers use free counts only to
@@ -333,8 +333,8 @@ impl Node {
         match msg {
             Message::Digest { fingerprint, news } => {
                 let changed = self.merge(news, true)?;
-                // A sender with no news in flight holds a settled view: a difference is real.
-                let quiet = news.is_empty();
+                // Neither end has news in flight: a difference is real, not news on its way.
+                let quiet = news.is_empty() && self.gossip.rumors.is_empty();
                 let out = if *fingerprint == self.ring.fingerprint() {
                     Vec::new()
                 } else if *fingerprint == 0 {
