@@ -37,29 +37,7 @@ impl Delta {
         if seed.is_none() && !entries.is_empty() {
             return Err(Invariant::EntriesWithoutSeed.into());
         }
-        for (i, e) in entries.iter().enumerate() {
-            if !universe.range().contains(e.token) {
-                return Err(Invariant::TokenOutOfRange {
-                    token: e.token,
-                    universe,
-                }
-                .into());
-            }
-            if i > 0 && entries[i - 1].token >= e.token {
-                return Err(Invariant::NotSorted {
-                    index: i,
-                    token: e.token,
-                }
-                .into());
-            }
-            if e.end <= e.token || e.end > universe.range().end {
-                return Err(Invariant::BadEnd {
-                    token: e.token,
-                    end: e.end,
-                }
-                .into());
-            }
-        }
+        check_entries(universe, &entries)?;
         Ok(Delta {
             universe,
             seed,
@@ -123,6 +101,33 @@ impl Delta {
     pub fn wire_estimate(&self) -> usize {
         self.entries.iter().map(entry_estimate).sum::<usize>() + 64
     }
+}
+
+/// What holds for the entries of any ring or part: tokens inside the universe and strictly
+/// increasing, each entry ending after it starts and inside the universe.
+pub(crate) fn check_entries(universe: Cidr, entries: &[Entry]) -> Result<(), Invariant> {
+    let range = universe.range();
+    for (i, e) in entries.iter().enumerate() {
+        if !range.contains(e.token) {
+            return Err(Invariant::TokenOutOfRange {
+                token: e.token,
+                universe,
+            });
+        }
+        if i > 0 && entries[i - 1].token >= e.token {
+            return Err(Invariant::NotSorted {
+                index: i,
+                token: e.token,
+            });
+        }
+        if e.end <= e.token || e.end > range.end {
+            return Err(Invariant::BadEnd {
+                token: e.token,
+                end: e.end,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Bytes an entry may take on the wire, its owner's name counted in full.

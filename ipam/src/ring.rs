@@ -12,7 +12,7 @@ use std::fmt;
 
 use rand::Rng;
 
-use crate::delta::{bucket_of, bucket_start, entry_hash, fingerprint, BUCKETS};
+use crate::delta::{bucket_of, bucket_start, check_entries, entry_hash, fingerprint, BUCKETS};
 use crate::{Cidr, Delta, Error, Invariant, PeerName, Range, Result};
 
 /// One token of the ring: `peer` owns `[token, end)` (cut short by a next token, in a view
@@ -267,26 +267,7 @@ impl Ring {
                 });
             }
         }
-        for (i, e) in self.entries.iter().enumerate() {
-            if !universe.contains(e.token) {
-                return Err(Invariant::TokenOutOfRange {
-                    token: e.token,
-                    universe: self.universe,
-                });
-            }
-            if i > 0 && self.entries[i - 1].token >= e.token {
-                return Err(Invariant::NotSorted {
-                    index: i,
-                    token: e.token,
-                });
-            }
-            if e.end <= e.token || e.end > universe.end {
-                return Err(Invariant::BadEnd {
-                    token: e.token,
-                    end: e.end,
-                });
-            }
-        }
+        check_entries(self.universe, &self.entries)?;
         debug_assert_eq!(
             self.sums,
             Ring::with_entries(self.universe, None, self.entries.clone()).sums,
