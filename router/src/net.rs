@@ -88,6 +88,21 @@ pub async fn set_link(
         .map_err(nl(what))
 }
 
+/// The index of interface `name`, which must exist for `what` (named in the error).
+async fn link_index(
+    handle: &rtnetlink::Handle,
+    name: &str,
+    what: impl FnOnce() -> String,
+) -> Result<u32> {
+    let link = link_by_name(handle, name)
+        .await?
+        .ok_or_else(|| Error::Net {
+            what: what(),
+            reason: "no such interface".into(),
+        })?;
+    Ok(link.header.index)
+}
+
 pub(crate) async fn link_by_name(
     handle: &rtnetlink::Handle,
     name: &str,
@@ -270,14 +285,7 @@ impl Net {
         if self.host_routes.as_ref() == Some(&cidrs) {
             return Ok(());
         }
-        let index = link_by_name(&self.handle, wg)
-            .await?
-            .ok_or_else(|| Error::Net {
-                what: format!("routing hosts to {wg}"),
-                reason: "no such interface".into(),
-            })?
-            .header
-            .index;
+        let index = link_index(&self.handle, wg, || format!("routing hosts to {wg}")).await?;
         let have = self.weft_routes(index, Some(HOST_METRIC)).await?;
         for (c, r) in have.iter().filter(|(c, _)| !cidrs.contains(c)) {
             self.handle
@@ -348,14 +356,7 @@ pub async fn mesh_routes(
     mesh4: Cidr,
     ipv6: bool,
 ) -> Result<()> {
-    let index = link_by_name(handle, wg)
-        .await?
-        .ok_or_else(|| Error::Net {
-            what: format!("routing {universe} to {wg}"),
-            reason: "no such interface".into(),
-        })?
-        .header
-        .index;
+    let index = link_index(handle, wg, || format!("routing {universe} to {wg}")).await?;
     let mut v4 = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(universe.addr(), universe.prefix())
         .output_interface(index)
