@@ -638,6 +638,20 @@ impl Ring {
             .collect()
     }
 
+    /// [`Ring::owned_cidrs`] of every peer owning anything, in one pass over the ring: what a
+    /// router plans all its WireGuard peers' AllowedIPs from.
+    pub fn owned_cidrs_by_peer(&self) -> BTreeMap<PeerName, Vec<Cidr>> {
+        let mut ranges: BTreeMap<PeerName, Vec<Range>> = BTreeMap::new();
+        for i in 0..self.entries.len() {
+            let peer = self.entries[i].peer.clone();
+            ranges.entry(peer).or_default().push(self.entry_range(i));
+        }
+        ranges
+            .into_iter()
+            .map(|(p, r)| (p, coalesce(r).iter().flat_map(Range::cidrs).collect()))
+            .collect()
+    }
+
     /// Every peer owning at least one entry, in order of first appearance on the ring.
     pub fn peers_in_order(&self) -> Vec<PeerName> {
         let mut seen = std::collections::HashSet::new();

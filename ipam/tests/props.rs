@@ -195,6 +195,9 @@ impl Cluster {
         }
         for (i, n) in self.nodes.iter().enumerate() {
             n.ring().check().unwrap_or_else(|e| panic!("p{i}: {e}"));
+            for (peer, cidrs) in n.ring().owned_cidrs_by_peer() {
+                assert_eq!(cidrs, n.ring().owned_cidrs(&peer), "p{i}'s view of {peer}");
+            }
         }
         self.snapshots.push(self.nodes[op_peer(op)].ring().clone());
         self.check_exclusive();

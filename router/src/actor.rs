@@ -13,7 +13,7 @@ use weft_node_api::{
 };
 
 use crate::config::Config;
-use crate::mesh::{Inbound, Mesh, SenderIndex};
+use crate::mesh::{Inbound, Mesh};
 use crate::metrics::Metrics;
 use crate::net::Net;
 use crate::plan;
@@ -60,7 +60,7 @@ enum Request {
     Release(Attachment, Reply<Released>),
     Gc(GcRequest, Reply<GcResult>),
     /// The WireGuard peers as `weftctl peers` and the metrics show them.
-    MeshState(Reply<Vec<weft_node_api::PeerInfo>>),
+    MeshState(Reply<MeshState>),
     RmPeer(String, Reply<weft_node_api::RmPeerResult>),
     /// The wg-quick configuration the mesh wants the named node or host to have.
     ShowConf(weft_node_api::ShowConf, Reply<String>),
@@ -73,10 +73,26 @@ enum Request {
     Health(Reply<Health>),
     /// Gossip from a mesh peer.
     Gossip(Inbound),
-    /// The peer store's new view of every node.
-    Peers(Vec<plan::Node>),
+    /// Changes in the peer store.
+    Peers(Vec<crate::view::PeerEvent>),
     /// Periodic: gossip the ring, ask for space if we have none.
     Tick,
+}
+
+/// The mesh as the actor knows it, for [`Handle::mesh_peers`] to complete with the device's
+/// live state.
+#[derive(Debug, Default)]
+pub struct MeshState {
+    device: Option<Arc<crate::wg::Device>>,
+    peers: Vec<PeerBase>,
+}
+
+/// A peer without its live state, and the endpoints it publishes (address, kind) to name the
+/// one in use.
+#[derive(Debug)]
+struct PeerBase {
+    info: weft_node_api::PeerInfo,
+    endpoints: Vec<(std::net::SocketAddr, String)>,
 }
 
 /// The gateway's key in the node's space: reserved, never garbage-collected.
@@ -95,8 +111,8 @@ struct Actor {
     /// The bridge and its routes; set up once the node owns space for its gateway.
     net: Option<Net>,
     mesh: Option<Mesh>,
-    /// Mesh address → node name, shared with the gossip receiver to authenticate senders.
-    index: SenderIndex,
+    /// The MeshPeers, checked (see [`crate::view`]).
+    view: crate::view::PeerView,
     /// The last refused gossip (peer and reason), reported in status and the MeshPeer.
     refused: Option<String>,
     /// Why the last ring could not be sent (too large for a datagram), until one is sent.
@@ -280,7 +296,7 @@ impl Actor {
         let Some(mesh) = &self.mesh else {
             return Err(Failure::refused(400, "this router has no mesh".into()));
         };
-        let mut nodes: Vec<plan::Node> = mesh.nodes.clone();
+        let mut nodes: Vec<plan::Node> = mesh.nodes().values().cloned().collect();
         nodes.push(mesh.me.clone());
         let subject = nodes.iter().find(|n| n.name == name).ok_or_else(|| {
             Failure::refused(
@@ -296,66 +312,50 @@ impl Actor {
         ))
     }
 
-    /// Every WireGuard peer with its node, ring ranges and live state from the device.
-    fn mesh_peers(&self) -> Vec<weft_node_api::PeerInfo> {
+    /// Every WireGuard peer with its node and ring ranges, and the device to read their live
+    /// state from — outside the actor: a read of thousands of peers would hold up every change
+    /// queued behind it.
+    fn mesh_state(&self) -> MeshState {
         let Some(mesh) = &self.mesh else {
-            return Vec::new();
+            return MeshState::default();
         };
-        let live: std::collections::BTreeMap<String, crate::wg::PeerState> =
-            match mesh.device.peer_states() {
-                Ok(states) => states
-                    .into_iter()
-                    .map(|s| (s.peer.public_key.clone(), s))
-                    .collect(),
-                Err(e) => {
-                    warn!("reading the WireGuard device for peer state: {e}");
-                    Default::default()
-                }
-            };
-        let ring = self.node.ring();
-        let nodes = &mesh.nodes;
-        mesh.peers()
-            .map(|(_, n)| n)
-            .filter(|n| n.name != mesh.me.name)
-            .map(|n| {
-                let path = plan::path(&mesh.me, n, nodes).to_string();
-                let ring_name = n.ring_name();
-                let state = live.get(&n.spec.public_key);
-                let wg = state.map(|s| &s.peer);
-                let endpoint = wg.and_then(|p| p.endpoint);
-                let endpoint_kind = match endpoint {
-                    None => "none".to_string(),
-                    Some(ep) => n
-                        .spec
-                        .endpoints
-                        .iter()
-                        .find(|e| e.address.parse().ok() == Some(ep))
-                        .map_or("learned".to_string(), |e| e.kind.to_string()),
-                };
-                weft_node_api::PeerInfo {
+        let fallback;
+        let owned = match mesh.owned() {
+            Some(o) => o,
+            None => {
+                fallback = plan::Owned::of(self.node.ring());
+                &fallback
+            }
+        };
+        let nodes = mesh.nodes();
+        let peers = mesh
+            .peers()
+            .map(|(ring_name, n)| PeerBase {
+                info: weft_node_api::PeerInfo {
                     node: n.name.clone(),
                     ring_name: ring_name.to_string(),
                     public_key: n.spec.public_key.clone(),
-                    endpoint: endpoint.map(|e| e.to_string()),
-                    endpoint_kind,
-                    allowed_ips: wg.map(|p| p.allowed_ips.clone()).unwrap_or_default(),
-                    ranges: ring
-                        .owned_cidrs(&ring_name)
-                        .iter()
-                        .map(|c| c.to_string())
-                        .collect(),
-                    last_handshake_secs: state.and_then(|s| s.last_handshake).and_then(|t| {
-                        std::time::SystemTime::now()
-                            .duration_since(t)
-                            .ok()
-                            .map(|d| d.as_secs())
-                    }),
-                    rx_bytes: state.map_or(0, |s| s.rx_bytes),
-                    tx_bytes: state.map_or(0, |s| s.tx_bytes),
-                    path,
-                }
+                    endpoint: None,
+                    endpoint_kind: "none".into(),
+                    allowed_ips: Vec::new(),
+                    ranges: owned.ranges(ring_name).to_vec(),
+                    last_handshake_secs: None,
+                    rx_bytes: 0,
+                    tx_bytes: 0,
+                    path: plan::path(&mesh.me, n, nodes.values()).to_string(),
+                },
+                endpoints: n
+                    .spec
+                    .endpoints
+                    .iter()
+                    .filter_map(|e| Some((e.address.parse().ok()?, e.kind.to_string())))
+                    .collect(),
             })
-            .collect()
+            .collect();
+        MeshState {
+            device: Some(mesh.device.clone()),
+            peers,
+        }
     }
 
     fn status(&self) -> Status {
@@ -495,7 +495,7 @@ impl Actor {
         if self.cfg.mtu_fixed {
             return;
         }
-        let links: Vec<u32> = mesh.nodes.iter().filter_map(|n| n.spec.mtu).collect();
+        let links: Vec<u32> = mesh.nodes().values().filter_map(|n| n.spec.mtu).collect();
         match net
             .sync_mtu(&self.cfg, links, &mesh.endpoints(), refresh)
             .await
@@ -516,8 +516,8 @@ impl Actor {
             return;
         };
         let cidrs = mesh
-            .nodes
-            .iter()
+            .nodes()
+            .values()
             .flat_map(|n| plan::host_cidrs(n, self.cfg.universe))
             .collect();
         if let Err(e) = net.sync_host_routes(&self.cfg.wg_interface, cidrs).await {
@@ -634,6 +634,11 @@ impl Actor {
         if self.started.elapsed().as_secs() % 5 == 0 {
             self.sync_mtu(true).await;
         }
+        if let Some(mesh) = self.mesh.as_mut().filter(|m| m.resync_due()) {
+            if let Err(e) = mesh.resync(self.node.ring()) {
+                warn!("reading and reconciling the WireGuard device: {e}");
+            }
+        }
         let Some(mesh) = &self.mesh else { return };
         let names = mesh.gossip_peers();
         let targets =
@@ -695,7 +700,7 @@ impl Actor {
     fn view_is_current(&self) -> bool {
         const FRESH: std::time::Duration = std::time::Duration::from_secs(5);
         let Some(mesh) = &self.mesh else { return true };
-        mesh.nodes.is_empty()
+        mesh.nodes().is_empty()
             || mesh
                 .peers()
                 .map(|(r, _)| r)
@@ -841,11 +846,17 @@ impl Actor {
             .min()
             .filter(|d| *d <= stale);
         let shaken = self
-            .mesh_peers()
-            .into_iter()
-            .filter(|p| p.node == node)
-            .filter_map(|p| p.last_handshake_secs)
-            .min()
+            .mesh
+            .as_ref()
+            .and_then(|m| {
+                let key = &m.nodes().get(node)?.spec.public_key;
+                let states = m.device.peer_states().ok()?;
+                let at = states.into_iter().find(|s| &s.peer.public_key == key)?;
+                std::time::SystemTime::now()
+                    .duration_since(at.last_handshake?)
+                    .ok()
+                    .map(|d| d.as_secs())
+            })
             .filter(|s| std::time::Duration::from_secs(*s) <= stale);
         if heard.is_some() || shaken.is_some() {
             return Err(Failure::refused(
@@ -888,62 +899,40 @@ impl Actor {
         Ok(result)
     }
 
-    async fn peers(&mut self, nodes: Vec<plan::Node>) {
+    async fn peers(&mut self, events: Vec<crate::view::PeerEvent>) {
         self.peers_synced = true;
+        let changed = self.view.apply(events);
         let Some(mesh) = &mut self.mesh else { return };
-        let (nodes, forged): (Vec<_>, Vec<_>) = nodes.into_iter().partition(|n| {
-            crate::keys::mesh_address_matches(&n.spec.public_key, &n.spec.mesh_address)
-        });
-        for n in forged {
-            warn!(peer = %n.name, mesh_address = %n.spec.mesh_address, "ignoring a MeshPeer whose meshAddress is not derived from its publicKey (forged or corrupt: delete it and let its router publish again)");
-        }
-        // IPv4 mesh addresses: only valid, uncontested claims stay (see mesh4).
-        let mut nodes = nodes;
-        let held = crate::mesh4::holders(&nodes, self.cfg.mesh4_range);
-        for n in &mut nodes {
-            n.spec.mesh_address_v4 = held.get(&n.name).map(|a| a.to_string());
-        }
-        if let Some(mine) = &mesh.me.spec.mesh_address_v4 {
-            let held_by_me = held.get(&mesh.me.name).map(|a| a.to_string());
-            if nodes.iter().any(|n| n.name == mesh.me.name) && held_by_me.as_ref() != Some(mine) {
-                warn!(address = %mine, "another node holds our IPv4 mesh address (an older MeshPeer claimed it first): gossip with nodes without IPv6 fails until this router restarts and picks another");
+        let me = mesh.me.name.clone();
+        if changed.contains(&me) {
+            if let (Some(mine), Some(n)) =
+                (&mesh.me.spec.mesh_address_v4, self.view.nodes().get(&me))
+            {
+                if n.spec.mesh_address_v4.as_ref() != Some(mine) {
+                    warn!(address = %mine, "another node holds our IPv4 mesh address (an older MeshPeer claimed it first): gossip with nodes without IPv6 fails until this router restarts and picks another");
+                }
             }
         }
-        let me = mesh.me.name.clone();
-        let known: std::collections::BTreeSet<ipam::PeerName> =
-            mesh.peers().map(|(r, _)| r.clone()).collect();
-        mesh.set_peers(nodes.into_iter().filter(|n| n.name != me).collect());
-        let new: Vec<ipam::PeerName> = mesh
-            .gossip_peers()
-            .into_iter()
-            .filter(|n| !known.contains(n))
-            .collect();
-        if let Ok(mut index) = self.index.write() {
-            *index = mesh
-                .peers()
-                .flat_map(|(r, n)| {
-                    let v6 = n.spec.mesh_v6().map(std::net::IpAddr::V6);
-                    let v4 = n.spec.mesh_v4().map(std::net::IpAddr::V4);
-                    v6.into_iter().chain(v4).map(move |a| (a, r.clone()))
-                })
-                .collect();
-        }
+        let updated = mesh.update(&changed, self.view.nodes());
+        let t0 = std::time::Instant::now();
         if let Err(e) = mesh.reconcile(self.node.ring()) {
             warn!("reconciling WireGuard peers: {e}");
         }
-        self.route_hosts().await;
-        self.sync_mtu(false).await;
+        self.metrics.reconciled(t0.elapsed());
+        if updated.hosts_changed {
+            self.route_hosts().await;
+        }
+        if changed.iter().any(|n| n != &me) {
+            self.sync_mtu(false).await;
+        }
         if let Some(mesh) = &self.mesh {
-            for host in mesh
-                .peers()
-                .filter(|(r, n)| n.is_host() && !known.contains(*r))
-            {
-                mesh.kick(host.1).await;
+            for host in updated.new_hosts.iter().filter_map(|h| mesh.nodes().get(h)) {
+                mesh.kick(host).await;
             }
         }
         // A node that just appeared gets our ring now rather than at a random later tick.
         if self.node.ring().is_seeded() {
-            let out = self.ring_to(new);
+            let out = self.ring_to(updated.new_gossip);
             self.send_all(out).await;
         }
     }
@@ -965,7 +954,7 @@ impl Actor {
                     drop(tx.send(found.map(|ip| self.allocation(ip)).transpose()));
                 }
                 Request::Status(tx) => drop(tx.send(Ok(self.status()))),
-                Request::MeshState(tx) => drop(tx.send(Ok(self.mesh_peers()))),
+                Request::MeshState(tx) => drop(tx.send(Ok(self.mesh_state()))),
                 Request::ShowConf(r, tx) => drop(tx.send(self.showconf(&r))),
                 Request::RotatePrepare(tx) => {
                     let r = self.rotate_prepare().await;
@@ -1011,7 +1000,6 @@ impl Handle {
         node: Node,
         store: Store,
         mesh: Option<Mesh>,
-        index: SenderIndex,
         reclaim: Option<(crate::reclaim::Lock, std::time::Duration)>,
         publisher: Option<crate::rotate::Publisher>,
     ) -> Handle {
@@ -1019,12 +1007,12 @@ impl Handle {
         let metrics = Arc::new(Metrics::new());
         tokio::spawn(
             Actor {
-                cfg,
                 node,
                 store,
                 net: None,
+                view: crate::view::PeerView::new(cfg.mesh4_range),
+                cfg,
                 mesh,
-                index,
                 refused: None,
                 unsent: None,
                 asked_at: None,
@@ -1049,8 +1037,8 @@ impl Handle {
         let _ = self.tx.send(Request::Gossip(inbound)).await;
     }
 
-    pub async fn tell_peers(&self, nodes: Vec<plan::Node>) {
-        let _ = self.tx.send(Request::Peers(nodes)).await;
+    pub async fn tell_peers(&self, events: Vec<crate::view::PeerEvent>) {
+        let _ = self.tx.send(Request::Peers(events)).await;
     }
 
     pub async fn tell_tick(&self) {
@@ -1106,8 +1094,52 @@ impl Handle {
         self.ask(|tx| Request::ShowConf(r, tx)).await
     }
 
+    /// Every WireGuard peer with its node, ring ranges and live state from the device.
     pub async fn mesh_peers(&self) -> Result<Vec<weft_node_api::PeerInfo>, Failure> {
-        self.ask(Request::MeshState).await
+        let state = self.ask(Request::MeshState).await?;
+        let live = match state.device {
+            Some(device) => tokio::task::spawn_blocking(move || device.peer_states())
+                .await
+                .map_err(|e| Failure::internal(format!("reading the WireGuard device: {e}")))?
+                .unwrap_or_else(|e| {
+                    warn!("reading the WireGuard device for peer state: {e}");
+                    Vec::new()
+                }),
+            None => Vec::new(),
+        };
+        let live: std::collections::BTreeMap<&str, &crate::wg::PeerState> = live
+            .iter()
+            .map(|s| (s.peer.public_key.as_str(), s))
+            .collect();
+        Ok(state
+            .peers
+            .into_iter()
+            .map(|base| {
+                let mut info = base.info;
+                if let Some(state) = live.get(info.public_key.as_str()) {
+                    let endpoint = state.peer.endpoint;
+                    info.endpoint_kind = match endpoint {
+                        None => "none".to_string(),
+                        Some(ep) => base
+                            .endpoints
+                            .iter()
+                            .find(|(a, _)| *a == ep)
+                            .map_or("learned".to_string(), |(_, k)| k.clone()),
+                    };
+                    info.endpoint = endpoint.map(|e| e.to_string());
+                    info.allowed_ips = state.peer.allowed_ips.clone();
+                    info.last_handshake_secs = state.last_handshake.and_then(|t| {
+                        std::time::SystemTime::now()
+                            .duration_since(t)
+                            .ok()
+                            .map(|d| d.as_secs())
+                    });
+                    info.rx_bytes = state.rx_bytes;
+                    info.tx_bytes = state.tx_bytes;
+                }
+                info
+            })
+            .collect())
     }
 
     /// What this router counts (for the node API server and `/metrics`).

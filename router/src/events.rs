@@ -65,7 +65,7 @@ pub fn notices(before: Option<&Observed>, now: &Observed) -> Vec<Notice> {
     };
     let first = before.is_none();
     let before = before.unwrap_or(&empty);
-    let mut out = Vec::new();
+    let mut out: Vec<Notice> = Vec::new();
     if before.ready != now.ready {
         out.push(Notice {
             on_node: true,
@@ -125,6 +125,7 @@ pub fn notices(before: Option<&Observed>, now: &Observed) -> Vec<Notice> {
             ));
         }
     }
+    let mut out = summarized(out, now.stale_secs);
     if now.refused_gossip.is_some() && now.refused_gossip != before.refused_gossip {
         out.push(notice(
             true,
@@ -146,6 +147,54 @@ pub fn notices(before: Option<&Observed>, now: &Observed) -> Vec<Notice> {
     out
 }
 
+/// More events of one reason about different peers than this in one observation become one
+/// event naming the first few: a node cut off from a thousand peers says so once, instead of a
+/// thousand events (each an API call, and the event recorder's cost grows with its cache).
+const PER_REASON: usize = 5;
+
+/// The peer notices, with each reason that has more than [`PER_REASON`] of them summed up in
+/// one notice (in the place of the first).
+fn summarized(notices: Vec<Notice>, stale_secs: u64) -> Vec<Notice> {
+    let mut peers: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
+    for n in &notices {
+        if let Some(p) = &n.peer {
+            peers.entry(n.reason).or_default().push(p.clone());
+        }
+    }
+    let mut out = Vec::new();
+    for n in notices {
+        let Some(names) = peers.get(n.reason).filter(|p| p.len() > PER_REASON) else {
+            out.push(n);
+            continue;
+        };
+        if out.iter().any(|o: &Notice| o.reason == n.reason) {
+            continue;
+        }
+        let mut list = names[..PER_REASON].join(", ");
+        list += &format!(" and {} more", names.len() - PER_REASON);
+        let count = names.len();
+        let note = match n.reason {
+            "PeerAdded" => format!("{count} WireGuard peers added: {list}"),
+            "PeerRemoved" => {
+                format!("{count} WireGuard peers removed (their MeshPeers are gone): {list}")
+            }
+            "HandshakeStale" => format!(
+                "no WireGuard handshake with {count} peers for more than {stale_secs}s: {list}; \
+                 their pods are unreachable from here: check UDP to their endpoints (or this \
+                 node's own) and their routers"
+            ),
+            "HandshakeFresh" => format!("WireGuard handshakes with {count} peers again: {list}"),
+            other => format!("{count} peers: {other}: {list}"),
+        };
+        out.push(Notice {
+            note,
+            peer: None,
+            ..n
+        });
+    }
+    out
+}
+
 /// Tracks how long each peer has gone without a handshake, to tell "stale" from "just added".
 #[derive(Debug, Default)]
 pub struct Staleness {
@@ -160,8 +209,9 @@ impl Staleness {
         stale_after: Duration,
     ) -> Observed {
         let now = Instant::now();
-        self.first_seen
-            .retain(|n, _| peers.iter().any(|p| &p.node == n));
+        let present: std::collections::BTreeSet<&str> =
+            peers.iter().map(|p| p.node.as_str()).collect();
+        self.first_seen.retain(|n, _| present.contains(n.as_str()));
         let peers = peers
             .iter()
             .map(|p| {
@@ -317,5 +367,44 @@ mod tests {
         let e = obs(false, &[("node2", false), ("node4", false)]);
         assert_eq!(reasons(&notices(Some(&c), &e)), ["NetworkNotReady"]);
         assert_eq!(reasons(&notices(Some(&e), &c)), ["NetworkReady"]);
+    }
+
+    #[test]
+    fn many_peers_changing_at_once_make_one_event_per_reason() {
+        let names: Vec<String> = (0..1000).map(|i| format!("node{i:04}")).collect();
+        let fresh: Vec<(&str, bool)> = names.iter().map(|n| (n.as_str(), false)).collect();
+        let stale: Vec<(&str, bool)> = names.iter().map(|n| (n.as_str(), true)).collect();
+        let a = obs(true, &fresh[..3]);
+        let b = Observed {
+            stale_secs: 180,
+            ..obs(true, &fresh)
+        };
+        let n = notices(Some(&a), &b);
+        assert_eq!(reasons(&n), ["PeerAdded"]);
+        assert!(n[0].peer.is_none());
+        assert!(
+            n[0].note
+                .starts_with("997 WireGuard peers added: node0003, node0004")
+                && n[0].note.ends_with("and 992 more"),
+            "{}",
+            n[0].note
+        );
+        let c = Observed {
+            stale_secs: 180,
+            ..obs(true, &stale)
+        };
+        let n = notices(Some(&b), &c);
+        assert_eq!(reasons(&n), ["HandshakeStale"]);
+        assert!(n[0].warning && n[0].note.contains("1000 peers for more than 180s"));
+        // A few at a time stay one event each, about their peer.
+        let mut d = c.clone();
+        for p in &names[..PER_REASON] {
+            d.peers.insert(p.clone(), false);
+        }
+        let n = notices(Some(&c), &d);
+        assert_eq!(n.len(), PER_REASON);
+        assert!(n
+            .iter()
+            .all(|n| n.reason == "HandshakeFresh" && n.peer.is_some()));
     }
 }

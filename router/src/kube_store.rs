@@ -5,13 +5,14 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
-use kube::runtime::{reflector, watcher, WatchStreamExt};
-use tokio::sync::watch;
+use kube::runtime::{watcher, WatchStreamExt};
+use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::meshpeer::{MeshPeer, MeshPeerSpec};
 use crate::peers::PeerStore;
 use crate::plan::Node;
+use crate::view::PeerEvent;
 use crate::{Error, Result};
 
 pub const FIELD_MANAGER: &str = "weft-router";
@@ -35,19 +36,19 @@ fn kube_err(what: String) -> impl FnOnce(kube::Error) -> Error {
     }
 }
 
-fn to_nodes(mut peers: Vec<MeshPeer>) -> Vec<Node> {
-    peers.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-    peers
-        .into_iter()
-        .filter_map(|p| {
-            let mut spec = p.spec;
-            spec.created = p.metadata.creation_timestamp.map(|t| t.0.as_second());
-            Some(Node {
-                name: p.metadata.name?,
-                spec,
-            })
-        })
-        .collect()
+fn to_node(p: MeshPeer) -> Option<Node> {
+    let mut spec = p.spec;
+    spec.created = p.metadata.creation_timestamp.map(|t| t.0.as_second());
+    Some(Node {
+        name: p.metadata.name?,
+        spec,
+    })
+}
+
+fn to_nodes(peers: Vec<MeshPeer>) -> Vec<Node> {
+    let mut nodes: Vec<Node> = peers.into_iter().filter_map(to_node).collect();
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    nodes
 }
 
 impl KubeStore {
@@ -68,37 +69,40 @@ impl KubeStore {
         Ok((&node).into())
     }
 
-    /// A reflector over all MeshPeers; sends a new snapshot whenever the set changes.
-    pub fn watch(&self) -> watch::Receiver<Vec<Node>> {
-        let (tx, rx) = watch::channel(Vec::new());
-        let (reader, writer) = reflector::store::<MeshPeer>();
-        // Without managedFields: the router never reads them, and they are most of an object's
-        // size — in a store of every MeshPeer, and in each snapshot's copies.
-        let stream = reflector(
-            writer,
-            watcher(self.api.clone(), watcher::Config::default()).modify(|p| {
-                use kube::ResourceExt;
-                p.managed_fields_mut().clear();
-            }),
-        )
-        .default_backoff()
-        .touched_objects();
+    /// Every change of a MeshPeer, as it happens: one event per object applied or deleted,
+    /// and the whole list after each (re)list. No copy of the MeshPeers is kept here (the
+    /// router's view is the one), and no change costs a pass over all of them.
+    pub fn watch(&self) -> mpsc::Receiver<PeerEvent> {
+        let (tx, rx) = mpsc::channel(1024);
+        let stream = watcher(self.api.clone(), watcher::Config::default()).default_backoff();
         tokio::spawn(async move {
             futures::pin_mut!(stream);
+            let mut listed: Vec<Node> = Vec::new();
             while let Some(event) = stream.next().await {
-                if let Err(e) = event {
-                    warn!("watching MeshPeers: {e}");
-                    continue;
-                }
-                let now = to_nodes(reader.state().iter().map(|p| (**p).clone()).collect());
-                tx.send_if_modified(|old| {
-                    let changed = *old != now;
-                    if changed {
-                        *old = now;
+                let out = match event {
+                    Err(e) => {
+                        warn!("watching MeshPeers: {e}");
+                        continue;
                     }
-                    changed
-                });
-                if tx.is_closed() {
+                    Ok(watcher::Event::Init) => {
+                        listed.clear();
+                        continue;
+                    }
+                    Ok(watcher::Event::InitApply(p)) => {
+                        listed.extend(to_node(p));
+                        continue;
+                    }
+                    Ok(watcher::Event::InitDone) => PeerEvent::Reset(std::mem::take(&mut listed)),
+                    Ok(watcher::Event::Apply(p)) => match to_node(p) {
+                        Some(n) => PeerEvent::Upsert(Box::new(n)),
+                        None => continue,
+                    },
+                    Ok(watcher::Event::Delete(p)) => match p.metadata.name {
+                        Some(n) => PeerEvent::Delete(n),
+                        None => continue,
+                    },
+                };
+                if tx.send(out).await.is_err() {
                     return;
                 }
             }

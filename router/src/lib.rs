@@ -19,6 +19,7 @@ pub mod overlap;
 pub mod peers;
 pub mod placement;
 pub mod plan;
+pub mod planner;
 pub mod reclaim;
 pub mod reset;
 pub mod rotate;
@@ -26,6 +27,7 @@ pub mod seed;
 pub mod server;
 pub mod showconf;
 pub mod store;
+pub mod view;
 pub mod wg;
 
 pub use error::{Error, Result};

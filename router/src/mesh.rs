@@ -3,7 +3,7 @@
 //! which only exist inside the tunnel, so gossip is encrypted and its sender authenticated by
 //! WireGuard's cryptokey routing (a packet from fd77::X arrived through X's peer).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::plan::{self, Node};
+use crate::planner::{Planner, Updated};
 use crate::wg::Device;
 use crate::Result;
 
@@ -36,31 +37,31 @@ pub struct Inbound {
 
 pub struct Mesh {
     pub me: Node,
-    pub device: Device,
-    /// The other nodes, as the peer store last said (see [`Mesh::set_peers`]): one list, kept
-    /// for planning rather than rebuilt per reconcile or tick.
-    pub nodes: Vec<Node>,
-    /// Ring name → index in `nodes`.
-    by_ring: BTreeMap<PeerName, usize>,
+    /// Shared: the device's state is read outside the actor (see `Handle::mesh_peers`).
+    pub device: Arc<Device>,
+    /// The WireGuard peers wanted, planned change by change.
+    planner: Planner,
+    /// Who gossip from a mesh address speaks for (shared with the receive loops).
+    senders: SenderIndex,
     socket6: Option<Arc<UdpSocket>>,
     socket4: Arc<UdpSocket>,
     /// The endpoint set for each peer at the last reconcile (see [`plan::diff`]).
     applied: plan::Applied,
     /// The device's peers as last read in full plus every change applied since, and when that
     /// read was: what a reconcile compares with, so one peer's change costs one peer's device
-    /// work instead of a read of every peer. Read again after [`RESYNC`] (a peer removed by
-    /// hand, an endpoint learned by roaming) and after any failed apply.
+    /// work instead of a read of every peer. Read again by [`Mesh::resync`] (every [`RESYNC`]:
+    /// a peer removed by hand, an endpoint learned by roaming) and after any failed apply.
     model: Option<(BTreeMap<String, plan::WgPeer>, std::time::Instant)>,
 }
 
-/// How long the device model is trusted before the device is read in full again.
+/// How often the device model is read again in full (see [`Mesh::resync`]).
 const RESYNC: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl std::fmt::Debug for Mesh {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Mesh")
             .field("me", &self.me.name)
-            .field("peers", &self.nodes.len())
+            .field("peers", &self.planner.nodes().len())
             .finish()
     }
 }
@@ -172,9 +173,9 @@ impl Mesh {
         }
         Ok(Mesh {
             me,
-            device,
-            nodes: Vec::new(),
-            by_ring: BTreeMap::new(),
+            device: Arc::new(device),
+            planner: Planner::default(),
+            senders: peers,
             socket6,
             socket4,
             applied: plan::Applied::new(),
@@ -182,34 +183,63 @@ impl Mesh {
         })
     }
 
-    /// The other nodes are now `nodes`.
-    pub fn set_peers(&mut self, nodes: Vec<Node>) {
-        self.by_ring = nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.ring_name(), i))
-            .collect();
-        self.nodes = nodes;
+    /// The nodes named in `changed` are now as `view` has them (absent: gone). Only those
+    /// nodes are looked at; the next [`Mesh::reconcile`] plans only them (see [`Planner`]).
+    pub fn update(&mut self, changed: &BTreeSet<String>, view: &BTreeMap<String, Node>) -> Updated {
+        for name in changed {
+            if let Some(old) = self.planner.nodes().get(name) {
+                self.index(old, false);
+            }
+            if let Some(new) = view.get(name).filter(|n| n.name != self.me.name) {
+                self.index(new, true);
+            }
+        }
+        self.planner.update(&self.me, changed, view)
+    }
+
+    /// Adds (or removes) `n`'s mesh addresses to (from) the index of gossip senders.
+    fn index(&self, n: &Node, add: bool) {
+        let Ok(mut index) = self.senders.write() else {
+            return;
+        };
+        let v6 = n.spec.mesh_v6().map(IpAddr::V6);
+        let v4 = n.spec.mesh_v4().map(IpAddr::V4);
+        for a in v6.into_iter().chain(v4) {
+            if add {
+                index.insert(a, n.ring_name());
+            } else if index.get(&a) == Some(&n.ring_name()) {
+                index.remove(&a);
+            }
+        }
+    }
+
+    /// The next reconcile plans every peer again (`me` changed).
+    pub fn replan_all(&mut self) {
+        self.planner.replan_all();
+    }
+
+    /// The other nodes by name.
+    pub fn nodes(&self) -> &BTreeMap<String, Node> {
+        self.planner.nodes()
+    }
+
+    /// What the ring gave each peer at the last reconcile.
+    pub fn owned(&self) -> Option<&plan::Owned> {
+        self.planner.owned()
     }
 
     /// The other nodes by ring name, in ring-name order.
     pub fn peers(&self) -> impl Iterator<Item = (&PeerName, &Node)> {
-        self.by_ring.iter().map(|(r, i)| (r, &self.nodes[*i]))
+        self.planner.peers()
     }
 
     pub fn peer(&self, ring_name: &PeerName) -> Option<&Node> {
-        self.by_ring.get(ring_name).map(|i| &self.nodes[*i])
+        self.planner.peer(ring_name)
     }
 
-    /// The peers ring gossip goes to: nodes (not hosts) with a direct WireGuard session — a mesh
-    /// address is never relayed, so gossip to a relayed node could not arrive.
+    /// The peers ring gossip goes to (see [`crate::planner::is_gossip_peer`]).
     pub fn gossip_peers(&self) -> Vec<PeerName> {
-        self.peers()
-            .filter(|(_, n)| {
-                !n.is_host() && plan::path(&self.me, n, &self.nodes) == plan::Path::Direct
-            })
-            .map(|(r, _)| r.clone())
-            .collect()
+        self.planner.gossip_peers()
     }
 
     fn socket_for(&self, addr: IpAddr) -> &UdpSocket {
@@ -255,43 +285,85 @@ impl Mesh {
     pub fn rekeyed(&mut self) {
         self.applied.clear();
         self.model = None;
+        self.planner.replan_all();
     }
 
-    /// Makes the device's peers match the plan for `ring`.
+    /// Whether the device model is due for a full read ([`RESYNC`]).
+    pub fn resync_due(&self) -> bool {
+        !matches!(&self.model, Some((_, at)) if at.elapsed() < RESYNC)
+    }
+
+    /// Reads the device in full and makes every peer on it match the plan.
+    pub fn resync(&mut self, ring: &Ring) -> Result<()> {
+        self.model = None;
+        self.reconcile(ring)
+    }
+
+    /// Makes the device's peers match the plan for `ring`: the nodes changed since the last
+    /// reconcile and the peers whose ranges moved on the ring are planned and compared; the
+    /// rest is left as it is.
     pub fn reconcile(&mut self, ring: &Ring) -> Result<()> {
-        let want = plan::desired(&self.me, &self.nodes, ring);
-        if !matches!(&self.model, Some((_, at)) if at.elapsed() < RESYNC) {
-            let live = self.device.peers()?;
-            let model = live.into_iter().map(|p| (p.public_key.clone(), p));
-            self.model = Some((model.collect(), std::time::Instant::now()));
-        }
-        let live = self
-            .model
-            .as_ref()
-            .map(|(m, _)| m.values())
-            .into_iter()
-            .flatten();
-        let changes = plan::diff(&want, live, &self.applied);
+        let touched = self.planner.plan(&self.me, ring);
+        let want = self.planner.want();
+        let read_now = self.model.is_none();
+        let (model, _) = match &mut self.model {
+            Some(m) => m,
+            None => {
+                let live = self.device.peers()?;
+                let model = live.into_iter().map(|p| (p.public_key.clone(), p));
+                self.model
+                    .insert((model.collect(), std::time::Instant::now()))
+            }
+        };
+        // Only what was planned again is compared — unless everything was planned again or
+        // the device was just read: then all of it. (The rest matched at the last reconcile,
+        // and the model holds every change applied since.)
+        let touched = touched.filter(|_| !read_now);
+        let changes = match &touched {
+            Some(keys) => {
+                let want: BTreeMap<String, plan::WgPeer> = keys
+                    .iter()
+                    .filter_map(|k| want.get(k).map(|p| (k.clone(), p.clone())))
+                    .collect();
+                plan::diff(
+                    &want,
+                    keys.iter().filter_map(|k| model.get(k)),
+                    &self.applied,
+                )
+            }
+            None => plan::diff(want, model.values(), &self.applied),
+        };
         if !changes.is_empty() {
             if let Err(e) = self.device.apply(&changes) {
                 self.model = None;
+                self.planner.replan_all();
                 return Err(e);
             }
-            if let Some((model, _)) = &mut self.model {
-                for c in &changes {
-                    match c {
-                        plan::Change::Add(p) | plan::Change::Update(p) => {
-                            model.insert(p.public_key.clone(), p.clone());
-                        }
-                        plan::Change::Remove(k) => {
-                            model.remove(k);
-                        }
+            for c in &changes {
+                match c {
+                    plan::Change::Add(p) | plan::Change::Update(p) => {
+                        model.insert(p.public_key.clone(), p.clone());
+                    }
+                    plan::Change::Remove(k) => {
+                        model.remove(k);
                     }
                 }
             }
         }
         // What we set is what the next diff compares with (not a roamed endpoint).
-        self.applied = want.iter().map(|(k, w)| (k.clone(), w.endpoint)).collect();
+        match touched {
+            Some(keys) => {
+                for k in keys {
+                    match want.get(&k) {
+                        Some(w) => self.applied.insert(k, w.endpoint),
+                        None => self.applied.remove(&k),
+                    };
+                }
+            }
+            None => {
+                self.applied = want.iter().map(|(k, w)| (k.clone(), w.endpoint)).collect();
+            }
+        }
         Ok(())
     }
 

@@ -34,7 +34,7 @@ pub fn candidate(ring_name: &str, range: Cidr, n: u32) -> Ipv4Addr {
 }
 
 /// Whether `node`'s claim is one of its candidates.
-fn valid(node: &Node, range: Cidr) -> Option<Ipv4Addr> {
+pub(crate) fn valid(node: &Node, range: Cidr) -> Option<Ipv4Addr> {
     let addr: Ipv4Addr = node.spec.mesh_address_v4.as_ref()?.parse().ok()?;
     let name = node.ring_name();
     (0..CANDIDATES)

@@ -7,11 +7,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::meshpeer::MeshPeerSpec;
 use crate::plan::Node;
+use crate::view::PeerEvent;
 use crate::{Error, Result};
 
 /// A store of MeshPeers.
@@ -57,8 +58,8 @@ impl Store {
         }
     }
 
-    /// Snapshots of every node's spec, a new one whenever one changes.
-    pub fn watch(&self) -> watch::Receiver<Vec<Node>> {
+    /// Every change of a node's spec (see [`PeerEvent`]), starting with all of them.
+    pub fn watch(&self) -> mpsc::Receiver<PeerEvent> {
         match self {
             Store::Dir(s) => s.watch(Duration::from_millis(100)),
             Store::Kube(s) => s.watch(),
@@ -116,28 +117,38 @@ impl DirStore {
         Ok(nodes.into_values().collect())
     }
 
-    /// Polls the folder every `period` and sends a new snapshot when it differs.
-    pub fn watch(&self, period: Duration) -> watch::Receiver<Vec<Node>> {
-        let (tx, rx) = watch::channel(self.read_all().unwrap_or_default());
+    /// Polls the folder every `period`: all specs first, then each one that appeared, changed
+    /// or went.
+    pub fn watch(&self, period: Duration) -> mpsc::Receiver<PeerEvent> {
+        let (tx, rx) = mpsc::channel(1024);
         let store = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
+            let mut last: Option<BTreeMap<String, Node>> = None;
             loop {
                 tick.tick().await;
-                match store.read_all() {
-                    Ok(now) => {
-                        tx.send_if_modified(|old| {
-                            let changed = *old != now;
-                            if changed {
-                                *old = now;
-                            }
-                            changed
-                        });
+                let now: BTreeMap<String, Node> = match store.read_all() {
+                    Ok(nodes) => nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
+                    Err(e) => {
+                        warn!("reading peers: {e}");
+                        continue;
                     }
-                    Err(e) => warn!("reading peers: {e}"),
-                }
-                if tx.is_closed() {
-                    return;
+                };
+                let events = match &last {
+                    None => vec![PeerEvent::Reset(now.values().cloned().collect())],
+                    Some(last) => {
+                        let gone = last.keys().filter(|n| !now.contains_key(*n));
+                        let gone = gone.map(|n| PeerEvent::Delete(n.clone()));
+                        let new = now.values().filter(|n| last.get(&n.name) != Some(n));
+                        gone.chain(new.map(|n| PeerEvent::Upsert(Box::new(n.clone()))))
+                            .collect()
+                    }
+                };
+                last = Some(now);
+                for e in events {
+                    if tx.send(e).await.is_err() {
+                        return;
+                    }
                 }
             }
         });
@@ -192,27 +203,26 @@ mod tests {
             .collect();
         assert_eq!(names, ["a", "b"]);
         let mut rx = store.watch(Duration::from_millis(20));
-        store.publish("a", &spec("ka2")).await.unwrap();
-        tokio::time::timeout(Duration::from_secs(2), rx.changed())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            rx.borrow()
-                .iter()
-                .find(|n| n.name == "a")
+        let mut next = async || {
+            tokio::time::timeout(Duration::from_secs(2), rx.recv())
+                .await
                 .unwrap()
-                .spec
-                .public_key,
-            "ka2"
-        );
+                .unwrap()
+        };
+        match next().await {
+            PeerEvent::Reset(all) => assert_eq!(all.len(), 2),
+            other => panic!("first a reset, not {other:?}"),
+        }
+        store.publish("a", &spec("ka2")).await.unwrap();
+        match next().await {
+            PeerEvent::Upsert(n) => {
+                assert_eq!((n.name.as_str(), n.spec.public_key.as_str()), ("a", "ka2"))
+            }
+            other => panic!("a changed, not {other:?}"),
+        }
         store.remove("b").await.unwrap();
         store.remove("b").await.unwrap();
-        tokio::time::timeout(Duration::from_secs(2), rx.changed())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(rx.borrow().len(), 1);
+        assert_eq!(next().await, PeerEvent::Delete("b".into()));
         std::fs::write(dir.join("meshpeers/junk.json"), "{").unwrap();
         assert_eq!(
             store.snapshot().await.unwrap().len(),

@@ -92,12 +92,16 @@ pub fn connected(a: &MeshPeerSpec, b: &MeshPeerSpec) -> bool {
 /// The node that carries the traffic of two nodes that cannot reach each other (both behind
 /// NAT, in different locations): of the nodes connected to both, the first by name. `a` and
 /// `b` compute the same one from the same MeshPeers, so each sends the other's ranges to it.
-pub fn relay<'n>(a: &Node, b: &Node, nodes: &'n [Node]) -> Option<&'n Node> {
+pub fn relay<'n>(
+    a: &Node,
+    b: &Node,
+    nodes: impl IntoIterator<Item = &'n Node>,
+) -> Option<&'n Node> {
     if connected(&a.spec, &b.spec) {
         return None;
     }
     nodes
-        .iter()
+        .into_iter()
         .filter(|r| r.name != a.name && r.name != b.name && !r.is_host())
         .filter(|r| connected(&a.spec, &r.spec) && connected(&b.spec, &r.spec))
         .min_by(|x, y| x.name.cmp(&y.name))
@@ -123,7 +127,7 @@ impl std::fmt::Display for Path {
 }
 
 /// The path from `me` to `peer` among `nodes` (see [`relay`]).
-pub fn path(me: &Node, peer: &Node, nodes: &[Node]) -> Path {
+pub fn path<'n>(me: &Node, peer: &Node, nodes: impl IntoIterator<Item = &'n Node>) -> Path {
     if connected(&me.spec, &peer.spec) {
         Path::Direct
     } else {
@@ -147,85 +151,134 @@ pub fn host_cidrs(n: &Node, universe: ipam::Cidr) -> Vec<ipam::Cidr> {
         .collect()
 }
 
-/// The addresses a peer owns: a host's listed CIDRs, a node's ring ranges.
-fn owned(n: &Node, ring: &Ring) -> Vec<String> {
-    match &n.spec.allowed_ips {
-        Some(_) => host_cidrs(n, ring.universe())
+/// What every ring peer owns, as AllowedIPs (`10.32.0.0/13`), read from the ring in one pass:
+/// planning looks each node up here rather than scanning the ring per node.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Owned {
+    universe: ipam::Cidr,
+    by_peer: BTreeMap<PeerName, Vec<String>>,
+}
+
+impl Owned {
+    pub fn of(ring: &Ring) -> Owned {
+        let by_peer = ring
+            .owned_cidrs_by_peer()
+            .into_iter()
+            .map(|(p, cidrs)| (p, cidrs.iter().map(|c| c.to_string()).collect()))
+            .collect();
+        Owned {
+            universe: ring.universe(),
+            by_peer,
+        }
+    }
+
+    /// The addresses `n` owns: a host's listed CIDRs, a node's ring ranges.
+    pub fn of_node(&self, n: &Node) -> Vec<String> {
+        match &n.spec.allowed_ips {
+            Some(_) => host_cidrs(n, self.universe)
+                .iter()
+                .map(|c| c.to_string())
+                .collect(),
+            None => self
+                .by_peer
+                .get(&n.ring_name())
+                .cloned()
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The ring ranges of `ring_name`.
+    pub fn ranges(&self, ring_name: &PeerName) -> &[String] {
+        self.by_peer.get(ring_name).map_or(&[], Vec::as_slice)
+    }
+
+    /// The ring peers whose ranges differ between `self` and `other`.
+    pub fn changed<'a>(&'a self, other: &'a Owned) -> impl Iterator<Item = &'a PeerName> {
+        let gone = self
+            .by_peer
             .iter()
-            .map(|c| c.to_string())
-            .collect(),
-        None => ring
-            .owned_cidrs(&n.ring_name())
-            .iter()
-            .map(|c| c.to_string())
-            .collect(),
+            .filter(|(p, c)| other.by_peer.get(*p) != Some(*c));
+        let new = other
+            .by_peer
+            .keys()
+            .filter(|p| !self.by_peer.contains_key(*p));
+        gone.map(|(p, _)| p).chain(new)
     }
 }
 
-/// The WireGuard peers `me` wants: every other node it is connected to (see [`connected`]),
-/// allowed its mesh address and the addresses it owns — plus the ranges of the nodes it reaches
-/// only through that node as their relay; and for a node rotating its key, the next key too,
+/// The WireGuard peers node `n` brings to `me`'s device when `me` reaches it directly: its key,
+/// allowed its mesh addresses and what it owns; and, while it rotates its key, its next key,
 /// allowed nothing yet (its handshakes are accepted, so the switch is quick). Keepalives go out
 /// from a node behind NAT (`me` publishes one), which keeps its mapping open.
-pub fn desired(me: &Node, others: &[Node], ring: &Ring) -> BTreeMap<String, WgPeer> {
+pub fn direct_peers(me: &Node, n: &Node, owned: &Owned) -> Vec<WgPeer> {
     let keepalive = me.spec.persistent_keepalive;
-    let peers: Vec<&Node> = others
-        .iter()
-        .filter(|n| n.name != me.name && n.spec.public_key != me.spec.public_key)
-        .collect();
-    let mut out: BTreeMap<String, WgPeer> = peers
-        .iter()
-        .filter(|n| connected(&me.spec, &n.spec))
-        .filter_map(|n| {
-            let next = n.spec.next_public_key.as_ref()?;
-            (next != &n.spec.public_key).then(|| WgPeer {
-                public_key: next.clone(),
-                endpoint: endpoint(&me.spec, &n.spec),
-                allowed_ips: Vec::new(),
-                keepalive,
-            })
-        })
-        .map(|p| (p.public_key.clone(), p))
-        .collect();
+    let endpoint = endpoint(&me.spec, &n.spec);
+    let mut allowed = owned.of_node(n);
+    if let Some(addr) = n.spec.mesh_v6() {
+        allowed.push(format!("{addr}/128"));
+    }
+    // Already checked by the caller (mesh4::holders): uncontested, from the name.
+    if let Some(addr) = n.spec.mesh_v4() {
+        allowed.push(format!("{addr}/32"));
+    }
+    allowed.sort();
+    let next = n
+        .spec
+        .next_public_key
+        .as_ref()
+        .filter(|k| **k != n.spec.public_key)
+        .map(|k| WgPeer {
+            public_key: k.clone(),
+            endpoint,
+            allowed_ips: Vec::new(),
+            keepalive,
+        });
+    let current = WgPeer {
+        public_key: n.spec.public_key.clone(),
+        endpoint,
+        allowed_ips: allowed,
+        keepalive,
+    };
+    next.into_iter().chain([current]).collect()
+}
+
+/// Whether `n` is another node than `me` (by name and by key): one `me` could have as a peer.
+pub fn is_other(me: &Node, n: &Node) -> bool {
+    n.name != me.name && n.spec.public_key != me.spec.public_key
+}
+
+/// The WireGuard peers `me` wants: every other node it is connected to (see [`connected`]), as
+/// [`direct_peers`] has them, plus the ranges of the nodes it reaches only through that node as
+/// their relay.
+pub fn desired<'n, I>(me: &Node, others: I, owned: &Owned) -> BTreeMap<String, WgPeer>
+where
+    I: IntoIterator<Item = &'n Node> + Clone,
+{
+    let peers = || others.clone().into_iter().filter(|n| is_other(me, n));
+    let mut out: BTreeMap<String, WgPeer> = BTreeMap::new();
     let mut relayed: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for n in &peers {
-        match path(me, n, others) {
+    // Next keys first: a node's current key wins over a next key that names it.
+    let mut current = Vec::new();
+    for n in peers() {
+        match path(me, n, others.clone()) {
             Path::Direct => {
-                let mut allowed = owned(n, ring);
-                if let Some(addr) = n.spec.mesh_v6() {
-                    allowed.push(format!("{addr}/128"));
-                }
-                // Already checked by the caller (mesh4::holders): uncontested, from the name.
-                if let Some(addr) = n.spec.mesh_v4() {
-                    allowed.push(format!("{addr}/32"));
-                }
-                out.insert(
-                    n.spec.public_key.clone(),
-                    WgPeer {
-                        public_key: n.spec.public_key.clone(),
-                        endpoint: endpoint(&me.spec, &n.spec),
-                        allowed_ips: allowed,
-                        keepalive,
-                    },
-                );
+                let mut ps = direct_peers(me, n, owned);
+                current.extend(ps.pop());
+                out.extend(ps.into_iter().map(|p| (p.public_key.clone(), p)));
             }
             // Only the ranges: its mesh address (gossip) is never relayed, so no relay can
             // speak for another node in the ring.
-            Path::Relayed(r) => relayed.entry(r).or_default().extend(owned(n, ring)),
+            Path::Relayed(r) => relayed.entry(r).or_default().extend(owned.of_node(n)),
             Path::Unreachable => {}
         }
     }
+    out.extend(current.into_iter().map(|p| (p.public_key.clone(), p)));
     for (r, ranges) in relayed {
-        let key = peers
-            .iter()
-            .find(|n| n.name == r)
-            .map(|n| &n.spec.public_key);
+        let key = peers().find(|n| n.name == r).map(|n| &n.spec.public_key);
         if let Some(p) = key.and_then(|k| out.get_mut(k)) {
             p.allowed_ips.extend(ranges);
+            p.allowed_ips.sort();
         }
-    }
-    for p in out.values_mut() {
-        p.allowed_ips.sort();
     }
     out
 }
@@ -350,7 +403,7 @@ mod tests {
         let want = desired(
             &a,
             &[a.clone(), b.clone()],
-            &ring(&names.each_ref().map(|n| n.as_str())),
+            &Owned::of(&ring(&names.each_ref().map(|n| n.as_str()))),
         );
         assert_eq!(want.len(), 1, "no peer for ourselves");
         let p = &want["kb"];
@@ -378,7 +431,11 @@ mod tests {
         );
         b.spec.ring_name = None;
         b.spec.next_public_key = Some("kb2".into());
-        let want = desired(&a, &[a.clone(), b.clone()], &ring(&[first.as_str()]));
+        let want = desired(
+            &a,
+            &[a.clone(), b.clone()],
+            &Owned::of(&ring(&[first.as_str()])),
+        );
         assert_eq!(want.len(), 2, "{want:?}");
         assert!(want["kb2"].allowed_ips.is_empty());
         assert_eq!(want["kb2"].endpoint, want["kb"].endpoint);
@@ -431,7 +488,7 @@ mod tests {
         );
         assert_eq!(path(&b1, &c1, &[b1.clone(), c1.clone()]), Path::Unreachable);
 
-        let want = desired(&b1, &all, &r);
+        let want = desired(&b1, &all, &Owned::of(&r));
         assert_eq!(want.len(), 2, "a and b2 only: {want:?}");
         let via_a = &want["ka"];
         assert_eq!(
@@ -439,7 +496,7 @@ mod tests {
             "198.18.0.1:1",
             "external across places"
         );
-        let c1_ranges = owned(&c1, &r);
+        let c1_ranges = Owned::of(&r).of_node(&c1);
         assert!(!c1_ranges.is_empty());
         for c in c1_ranges.iter().chain(["10.50.0.5/32".to_string()].iter()) {
             assert!(
@@ -457,7 +514,7 @@ mod tests {
         assert_eq!(via_a.keepalive, Some(25), "behind NAT: keepalive from b1");
         assert_eq!(want["kb2"].endpoint.unwrap().to_string(), "10.2.0.12:1");
 
-        let want = desired(&a, &all, &r);
+        let want = desired(&a, &all, &Owned::of(&r));
         assert_eq!(want.len(), 4, "the relay has everyone: {want:?}");
         assert_eq!(want["kb1"].endpoint, None, "learned from b1's handshakes");
         assert_eq!(want["kh"].allowed_ips[0], "10.50.0.5/32");

@@ -11,7 +11,7 @@ use crate::plan::{self, Node};
 /// its owner: the config loads it from `key_file` (PostUp), by default
 /// `/etc/wireguard/<name>.key`.
 pub fn render(subject: &Node, nodes: &[Node], ring: &Ring, key_file: Option<&str>) -> String {
-    let want = plan::desired(subject, nodes, ring);
+    let want = plan::desired(subject, nodes, &plan::Owned::of(ring));
     let kind = if subject.is_host() {
         "host outside Kubernetes"
     } else {

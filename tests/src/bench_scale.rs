@@ -5,11 +5,13 @@
 //! router logging the peer set on the device (p50/p99) — the router's CPU per change (less its
 //! idle CPU over as long), and its RSS.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use router::meshpeer::{Endpoint, EndpointKind, MeshPeer, MeshPeerSpec};
 
@@ -21,8 +23,15 @@ pub struct Scale {
     pub full_reconcile: Duration,
     pub change_p50: Duration,
     pub change_p99: Duration,
+    /// The same changes as seen by a watch of the bench's own (the API server's share).
+    pub watch_p50: Duration,
+    pub watch_p99: Duration,
+    /// The WireGuard backend the router ran (`userspace`: in-process; `external`).
+    pub backend: String,
+    /// RSS of the external WireGuard process (external backend).
+    pub wg_rss_mib: Option<f64>,
     pub cpu_per_change_ms: f64,
-    /// The router's CPU over the changes and over an idle window as long (ms; 10 ms ticks).
+    /// The router's CPU over the changes and over an idle window as long (ms).
     pub busy_ms: f64,
     pub idle_ms: f64,
     pub rss_mib: f64,
@@ -43,17 +52,19 @@ fn fake_peer(i: usize) -> (String, MeshPeerSpec) {
     )
 }
 
-/// Utime + stime of `pid` in milliseconds.
+/// CPU time of all of `pid`'s threads in milliseconds (scheduler statistics: nanoseconds,
+/// where utime and stime count 10 ms ticks — too coarse for a few ms per change).
 fn cpu_ms(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    Ok(ticks * 1000.0 / 100.0)
+    let mut ns = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let stat = std::fs::read_to_string(task?.path().join("schedstat")).unwrap_or_default();
+        ns += stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(ns as f64 / 1e6)
 }
 
 fn rss_mib(pid: u32) -> Result<f64> {
@@ -92,12 +103,7 @@ fn device_peers(lab: &Lab) -> usize {
 }
 
 /// When the router's log says peer `key` was set with `endpoint` (after byte `from`).
-fn applied_at(
-    log: &Path,
-    from: usize,
-    key: &str,
-    endpoint: &str,
-) -> Option<k8s_openapi::jiff::Timestamp> {
+fn applied_at(log: &Path, from: usize, key: &str, endpoint: &str) -> Option<Timestamp> {
     let text = std::fs::read_to_string(log).ok()?;
     text.get(from..)?
         .lines()
@@ -105,11 +111,11 @@ fn applied_at(
         .find_map(|l| l.split_whitespace().next()?.parse().ok())
 }
 
-pub fn run(dir: &Path, prefix: &str, peers: usize, changes: usize) -> Result<Scale> {
-    let lab = Lab::up_with(dir, prefix, 1, 0, "kube")?;
+pub fn run(dir: &Path, prefix: &str, peers: usize, changes: usize, backend: &str) -> Result<Scale> {
+    let lab = Lab::up_with_env(dir, prefix, 1, 0, "kube", &[("WEFT_WIREGUARD", backend)])?;
     // A thread of its own: the caller may be inside an async runtime already.
     let result = std::thread::scope(|s| {
-        s.spawn(|| measure(&lab, peers, changes))
+        s.spawn(|| measure(&lab, peers, changes, backend))
             .join()
             .unwrap_or_else(|_| Err(anyhow::anyhow!("the measuring thread panicked")))
     });
@@ -119,7 +125,63 @@ pub fn run(dir: &Path, prefix: &str, peers: usize, changes: usize) -> Result<Sca
     Ok(scale)
 }
 
-fn measure(lab: &Lab, peers: usize, changes: usize) -> Result<Scale> {
+/// When a watch of the bench's own saw each (MeshPeer, first endpoint): the API server's share
+/// of a change's latency, measured beside the router's.
+type Seen = std::sync::Arc<std::sync::Mutex<HashMap<(String, String), Timestamp>>>;
+
+/// In [`Seen`] once the watch has listed every MeshPeer and follows changes.
+const LISTED: (String, String) = (String::new(), String::new());
+
+fn watch_changes(env: &crate::kube_env::KubeEnv, seen: Seen) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = rt.block_on(env.client("admin"))?;
+    let api: Api<MeshPeer> = Api::all(client);
+    std::thread::spawn(move || {
+        rt.block_on(async {
+            let stream = kube::runtime::watcher(api, Default::default());
+            futures::pin_mut!(stream);
+            while let Some(event) = stream.next().await {
+                let at = Timestamp::now();
+                let p = match event {
+                    Ok(kube::runtime::watcher::Event::Apply(p)) => p,
+                    Ok(kube::runtime::watcher::Event::InitDone) => {
+                        if let Ok(mut seen) = seen.lock() {
+                            seen.insert(LISTED, at);
+                        }
+                        continue;
+                    }
+                    _ => continue,
+                };
+                let (Some(name), Some(ep)) = (p.metadata.name, p.spec.endpoints.first()) else {
+                    continue;
+                };
+                if let Ok(mut seen) = seen.lock() {
+                    seen.entry((name, ep.address.clone())).or_insert(at);
+                }
+            }
+        })
+    });
+    Ok(())
+}
+
+/// The RSS of the wireguard-go process serving `interface`, if one runs.
+fn wireguard_go_rss(interface: &str) -> Option<f64> {
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", &format!("wireguard-go.* {interface}$")])
+        .output()
+        .ok()?;
+    let pid = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()?;
+    rss_mib(pid).ok()
+}
+
+fn measure(lab: &Lab, peers: usize, changes: usize, backend: &str) -> Result<Scale> {
     let env = crate::kube_env::KubeEnv::existing(&lab.dir.join("kube"))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -168,6 +230,15 @@ fn measure(lab: &Lab, peers: usize, changes: usize) -> Result<Scale> {
     std::thread::sleep(Duration::from_secs(3));
     let pid = router_pid(lab)?;
     let log = lab.dir.join("node1/router.log");
+    let seen = Seen::default();
+    watch_changes(&env, seen.clone())?;
+    let listing = Instant::now();
+    while !seen.lock().is_ok_and(|s| s.contains_key(&LISTED)) {
+        if listing.elapsed() > Duration::from_secs(60) {
+            bail!("the bench's own watch did not list the MeshPeers in 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // Idle CPU over the time the changes will take, for the baseline.
     let gap = Duration::from_millis(300);
     let idle_window = gap * changes as u32;
@@ -177,13 +248,14 @@ fn measure(lab: &Lab, peers: usize, changes: usize) -> Result<Scale> {
     let c1 = cpu_ms(pid)?;
     let busy_start = Instant::now();
     let mut latencies = Vec::new();
+    let mut watch_latencies = Vec::new();
     for c in 0..changes {
         let (name, spec) = &specs[(c * 7919) % peers];
         let endpoint = format!("10.201.{}.{}:51820", c / 250, c % 250 + 1);
         let from = std::fs::metadata(&log)?.len() as usize;
         let patch =
             serde_json::json!({"spec": {"endpoints": [{"address": endpoint, "kind": "Internal"}]}});
-        let sent = k8s_openapi::jiff::Timestamp::now();
+        let sent = Timestamp::now();
         rt.block_on(api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)))
             .with_context(|| format!("patching {name}"))?;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -196,22 +268,35 @@ fn measure(lab: &Lab, peers: usize, changes: usize) -> Result<Scale> {
             }
             std::thread::sleep(Duration::from_millis(5));
         };
-        latencies.push(Duration::from_micros(
-            (at.as_microsecond() - sent.as_microsecond()).max(0) as u64,
-        ));
+        let since = |t: Timestamp| {
+            Duration::from_micros((t.as_microsecond() - sent.as_microsecond()).max(0) as u64)
+        };
+        latencies.push(since(at));
+        let watched = seen
+            .lock()
+            .ok()
+            .and_then(|s| s.get(&(name.clone(), endpoint.clone())).copied());
+        watch_latencies.push(watched.map_or(Duration::MAX, since));
         let next = busy_start + gap * (c as u32 + 1);
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
     }
     let busy = cpu_ms(pid)? - c1;
     latencies.sort();
-    let pick = |q: f64| {
-        latencies[((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1]
-    };
+    watch_latencies.sort();
+    let pick =
+        |l: &[Duration], q: f64| l[((l.len() as f64 * q).ceil() as usize).clamp(1, l.len()) - 1];
     Ok(Scale {
         peers,
         full_reconcile,
-        change_p50: pick(0.5),
-        change_p99: pick(0.99),
+        change_p50: pick(&latencies, 0.5),
+        change_p99: pick(&latencies, 0.99),
+        watch_p50: pick(&watch_latencies, 0.5),
+        watch_p99: pick(&watch_latencies, 0.99),
+        backend: backend.to_string(),
+        wg_rss_mib: lab.nodes[0]
+            .wg_interface
+            .as_deref()
+            .and_then(wireguard_go_rss),
         cpu_per_change_ms: ((busy - idle) / changes as f64).max(0.0),
         busy_ms: busy,
         idle_ms: idle,

@@ -231,6 +231,7 @@ async fn kube_peer_store_works_for_a_router_with_weft_rbac_only() {
     use router::kube_store::KubeStore;
     use router::meshpeer::{Endpoint, EndpointKind, MeshPeerSpec};
     use router::peers::PeerStore;
+    use router::view::PeerEvent;
     let dir = std::env::temp_dir().join(format!("weft-test-kube-store-{}", std::process::id()));
     let _down = Down(dir.clone());
     let env = KubeEnv::up(&dir, &["node1".to_string(), "node2".to_string()])
@@ -283,11 +284,21 @@ async fn kube_peer_store_works_for_a_router_with_weft_rbac_only() {
         .await
         .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while rx.borrow().len() < 2 {
-        tokio::time::timeout_at(deadline, rx.changed())
+    // The watch's events, applied to a map of the MeshPeers as they come.
+    let mut seen = std::collections::BTreeMap::new();
+    let mut next = async |seen: &mut std::collections::BTreeMap<String, MeshPeerSpec>| {
+        let event = tokio::time::timeout_at(deadline, rx.recv())
             .await
-            .expect("watch sees both peers")
-            .unwrap();
+            .expect("a watch event in time")
+            .expect("the watch goes on");
+        match event {
+            PeerEvent::Reset(all) => *seen = all.into_iter().map(|n| (n.name, n.spec)).collect(),
+            PeerEvent::Upsert(n) => drop(seen.insert(n.name, n.spec)),
+            PeerEvent::Delete(n) => drop(seen.remove(&n)),
+        }
+    };
+    while seen.len() < 2 {
+        next(&mut seen).await;
     }
     let names: Vec<String> = store1
         .snapshot()
@@ -301,18 +312,13 @@ async fn kube_peer_store_works_for_a_router_with_weft_rbac_only() {
         .publish("node2", &spec(k2, "10.99.0.22"))
         .await
         .unwrap();
-    loop {
-        let seen = rx
-            .borrow()
-            .iter()
-            .any(|n| n.spec.endpoints[0].address == "10.99.0.22:51820");
-        if seen {
-            break;
-        }
-        tokio::time::timeout_at(deadline, rx.changed())
-            .await
-            .expect("watch sees the update")
-            .unwrap();
+    while seen["node2"].endpoints[0].address != "10.99.0.22:51820" {
+        next(&mut seen).await;
+    }
+    // Routers may not delete MeshPeers (an admin or the garbage collector does).
+    kubectl(&["delete", "meshpeer", "node1"]);
+    while seen.contains_key("node1") {
+        next(&mut seen).await;
     }
     // Routers may not touch what weft doesn't need.
     let secrets = Api::<Secret>::all(env.client("node1").await.unwrap())

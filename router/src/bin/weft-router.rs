@@ -16,6 +16,7 @@ use router::peers::{DirStore, Store as PeerStoreKind};
 use router::placement::Placement;
 use router::plan;
 use router::store::Store;
+use router::view::PeerEvent;
 use router::wg::Device;
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -574,7 +575,6 @@ async fn main() -> Result<()> {
         node,
         store,
         Some(mesh),
-        index,
         reclaim,
         Some(publisher.clone()),
     );
@@ -588,20 +588,24 @@ async fn main() -> Result<()> {
     let mut watch = peers.watch();
     let me_name = me_node_name.clone();
     tokio::spawn(async move {
-        loop {
-            let snapshot = watch.borrow_and_update().clone();
+        // Events that arrived together go to the actor together: one reconcile for a burst
+        // (a relist, a rolling update of many nodes).
+        let mut batch = Vec::new();
+        while watch.recv_many(&mut batch, 1024).await > 0 {
             // Our own MeshPeer deleted (by hand, by a mistaken cleanup): publish it again, or
             // the other nodes would drop us from the mesh for good.
-            if !snapshot.is_empty() && !snapshot.iter().any(|n| n.name == me_name) {
+            let deleted = batch.iter().any(|e| match e {
+                PeerEvent::Delete(n) => *n == me_name,
+                PeerEvent::Reset(all) => !all.is_empty() && !all.iter().any(|n| n.name == me_name),
+                PeerEvent::Upsert(_) => false,
+            });
+            if deleted {
                 match publisher.republish().await {
                     Ok(()) => warn!(node = %me_name, "our MeshPeer was gone: published it again"),
                     Err(e) => warn!(node = %me_name, "re-publishing our deleted MeshPeer: {e}"),
                 }
             }
-            h.tell_peers(snapshot).await;
-            if watch.changed().await.is_err() {
-                return;
-            }
+            h.tell_peers(std::mem::take(&mut batch)).await;
         }
     });
     if let Some(client) = &kube {

@@ -172,6 +172,10 @@ enum BenchCmd {
         peers: usize,
         #[arg(long, default_value_t = 40)]
         changes: usize,
+        /// The router's WireGuard backend: `userspace` (in-process: WireGuard's per-peer
+        /// state counts in the router's RSS) or `external` (wireguard-go; reported apart).
+        #[arg(long, default_value = "userspace", value_parser = ["userspace", "external"])]
+        wireguard: String,
     },
     /// ADD/CHECK/DEL latency of weft vs Debian's bridge + host-local, p50 and p99.
     Cni {
@@ -341,13 +345,19 @@ async fn main() -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("running {}: {e}", script.display()))?;
             anyhow::ensure!(status.success(), "{} failed ({status})", script.display());
         }
-        Top::Bench(BenchCmd::Scale { peers, changes }) => {
+        Top::Bench(BenchCmd::Scale {
+            peers,
+            changes,
+            wireguard,
+        }) => {
             let s = weft_tests::bench_scale::run(
                 &cli.dir.join("bench-scale"),
                 &format!("{}s", cli.prefix),
                 peers,
                 changes,
+                &wireguard,
             )?;
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
             println!(
                 "router restart to a device with all {} peers (one full reconcile): {:.2} s",
                 s.peers,
@@ -355,18 +365,27 @@ async fn main() -> Result<()> {
             );
             println!(
                 "endpoint change to device, {changes} changes: p50 {:.1} ms, p99 {:.1} ms",
-                s.change_p50.as_secs_f64() * 1e3,
-                s.change_p99.as_secs_f64() * 1e3
+                ms(s.change_p50),
+                ms(s.change_p99)
             );
             println!(
-                "router CPU per change (less idle): {:.1} ms",
-                s.cpu_per_change_ms
+                "the same changes seen by a plain watch (the API server's share): p50 {:.1} ms, p99 {:.1} ms",
+                ms(s.watch_p50),
+                ms(s.watch_p99)
             );
             println!(
-                "scale peers={} reconcile_p99_ms={:.1} rss_mib={:.1}",
+                "router CPU: {:.1} ms over the changes, {:.1} ms idle over as long: {:.1} ms per change",
+                s.busy_ms, s.idle_ms, s.cpu_per_change_ms
+            );
+            if let Some(wg) = s.wg_rss_mib {
+                println!("wireguard-go RSS: {wg:.1} MiB");
+            }
+            println!(
+                "scale peers={} reconcile_p99_ms={:.1} rss_mib={:.1} wireguard={}",
                 s.peers,
-                s.change_p99.as_secs_f64() * 1e3,
-                s.rss_mib
+                ms(s.change_p99),
+                s.rss_mib,
+                s.backend
             );
         }
         Top::Bench(BenchCmd::Join { joins }) => {
