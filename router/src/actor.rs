@@ -18,6 +18,7 @@ use crate::metrics::Metrics;
 use crate::net::Net;
 use crate::plan;
 use crate::store::Store;
+use std::collections::BTreeSet;
 
 /// A refusal, with the HTTP status the node API answers with.
 #[derive(Debug)]
@@ -94,6 +95,9 @@ struct PeerBase {
     info: weft_node_api::PeerInfo,
     endpoints: Vec<(std::net::SocketAddr, String)>,
 }
+
+/// How many peers each gossip round (a tick) sends our digest to.
+pub const FANOUT: usize = 3;
 
 /// The gateway's key in the node's space: reserved, never garbage-collected.
 pub fn gateway_key() -> AllocKey {
@@ -471,7 +475,7 @@ impl Actor {
                     self.net = Some(net);
                     // The peers may be known already: no pod before the MTU is theirs, and
                     // hosts are routed from the start.
-                    self.sync_mtu(false).await;
+                    self.sync_mtu(None, false).await;
                     self.route_hosts().await;
                 }
                 Err(e) => warn!("setting up the node network: {e}"),
@@ -487,17 +491,29 @@ impl Actor {
         }
     }
 
-    /// Keeps the tunnel MTU at the smallest path to a peer (unless an administrator fixed it).
-    async fn sync_mtu(&mut self, refresh: bool) {
+    /// Keeps the tunnel MTU at the smallest path to a peer (unless an administrator fixed it):
+    /// over every peer's endpoint (`changed`: `None`), or after a change, over the changed
+    /// nodes' endpoints added to what is known.
+    async fn sync_mtu(&mut self, changed: Option<&BTreeSet<String>>, refresh: bool) {
         let (Some(net), Some(mesh)) = (&mut self.net, &self.mesh) else {
             return;
         };
         if self.cfg.mtu_fixed {
             return;
         }
-        let links: Vec<u32> = mesh.nodes().values().filter_map(|n| n.spec.mtu).collect();
+        let endpoints = match changed {
+            None => mesh.endpoints(),
+            Some(names) => mesh.endpoints_of(names),
+        };
+        let endpoints = match changed {
+            None => crate::net::Endpoints::All {
+                of: &endpoints,
+                refresh,
+            },
+            Some(_) => crate::net::Endpoints::Only(&endpoints),
+        };
         match net
-            .sync_mtu(&self.cfg, links, &mesh.endpoints(), refresh)
+            .sync_mtu(&self.cfg, mesh.smallest_link_mtu(), endpoints)
             .await
         {
             Ok(Some(mtu)) => {
@@ -624,7 +640,7 @@ impl Actor {
         let names = self
             .mesh
             .as_ref()
-            .map(|m| m.gossip_peers())
+            .map(|m| m.gossip_peers().iter().cloned().collect())
             .unwrap_or_default();
         self.ring_to(names)
     }
@@ -632,7 +648,7 @@ impl Actor {
     async fn tick(&mut self) {
         // A learned path MTU (ICMP from the way) shows only in the route cache: look again.
         if self.started.elapsed().as_secs() % 5 == 0 {
-            self.sync_mtu(true).await;
+            self.sync_mtu(None, true).await;
         }
         if let Some(mesh) = self.mesh.as_mut().filter(|m| m.resync_due()) {
             if let Err(e) = mesh.resync(self.node.ring()) {
@@ -640,11 +656,14 @@ impl Actor {
             }
         }
         let Some(mesh) = &self.mesh else { return };
-        let names = mesh.gossip_peers();
-        let targets =
-            rand::seq::SliceRandom::choose_multiple(names.as_slice(), &mut rand::thread_rng(), 3)
-                .cloned()
-                .collect();
+        let targets = rand::seq::IteratorRandom::choose_multiple(
+            mesh.gossip_peers().iter(),
+            &mut rand::thread_rng(),
+            FANOUT,
+        )
+        .into_iter()
+        .cloned()
+        .collect();
         let mut out = self.ring_to(targets);
         out.extend(self.ask_for_space());
         self.send_all(out).await;
@@ -923,16 +942,23 @@ impl Actor {
             self.route_hosts().await;
         }
         if changed.iter().any(|n| n != &me) {
-            self.sync_mtu(false).await;
+            self.sync_mtu(Some(&changed), false).await;
         }
         if let Some(mesh) = &self.mesh {
             for host in updated.new_hosts.iter().filter_map(|h| mesh.nodes().get(h)) {
                 mesh.kick(host).await;
             }
         }
-        // A node that just appeared gets our ring now rather than at a random later tick.
+        // A node that just appeared gets our digest now rather than at a random later tick; of
+        // many (a restart, a relist), as many as a gossip round reaches: each first packet is a
+        // WireGuard handshake, and thousands at once hold up the device.
         if self.node.ring().is_seeded() {
-            let out = self.ring_to(updated.new_gossip);
+            let to = rand::seq::IteratorRandom::choose_multiple(
+                updated.new_gossip.into_iter(),
+                &mut rand::thread_rng(),
+                FANOUT,
+            );
+            let out = self.ring_to(to);
             self.send_all(out).await;
         }
     }

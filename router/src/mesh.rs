@@ -238,7 +238,7 @@ impl Mesh {
     }
 
     /// The peers ring gossip goes to (see [`crate::planner::is_gossip_peer`]).
-    pub fn gossip_peers(&self) -> Vec<PeerName> {
+    pub fn gossip_peers(&self) -> &BTreeSet<PeerName> {
         self.planner.gossip_peers()
     }
 
@@ -278,6 +278,20 @@ impl Mesh {
         out.sort();
         out.dedup();
         out
+    }
+
+    /// The endpoints this node sends to of the nodes named (see [`plan::endpoint`]).
+    pub fn endpoints_of(&self, names: &BTreeSet<String>) -> Vec<SocketAddr> {
+        names
+            .iter()
+            .filter_map(|n| self.nodes().get(n))
+            .filter_map(|n| plan::endpoint(&self.me.spec, &n.spec))
+            .collect()
+    }
+
+    /// The smallest link MTU a peer publishes.
+    pub fn smallest_link_mtu(&self) -> Option<u32> {
+        self.planner.smallest_link_mtu()
     }
 
     /// After the interface switched keys (it dropped every peer): the next reconcile adds them

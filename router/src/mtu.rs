@@ -34,11 +34,15 @@ impl Path {
 
 /// The tunnel MTU: over our own link, the links the peers publish and the paths to the peers'
 /// endpoints, the smallest, less the overhead of the path it is on.
-pub fn tunnel(own: Path, peer_links: impl IntoIterator<Item = u32>, paths: &[Path]) -> u32 {
+pub fn tunnel<'p>(
+    own: Path,
+    peer_links: impl IntoIterator<Item = u32>,
+    paths: impl IntoIterator<Item = &'p Path>,
+) -> u32 {
     let links = peer_links.into_iter().map(|mtu| Path { mtu, v6: own.v6 });
     std::iter::once(own)
         .chain(links)
-        .chain(paths.iter().copied())
+        .chain(paths.into_iter().copied())
         .map(Path::inner)
         .min()
         .unwrap_or(own.inner())
@@ -138,11 +142,23 @@ impl PathCache {
     ) {
         let want: std::collections::BTreeSet<IpAddr> = endpoints.iter().map(|e| e.ip()).collect();
         self.paths.retain(|ip, _| want.contains(ip));
-        let mut todo: Vec<IpAddr> = want
-            .iter()
-            .filter(|ip| !self.paths.contains_key(ip))
-            .copied()
-            .collect();
+        self.look_up(handle, want.into_iter(), refresh).await;
+    }
+
+    /// Looks up the paths to those of `endpoints` not in the cache yet (a peer's change costs
+    /// its own endpoints' lookups; the gone ones are forgotten at the next [`PathCache::update`]).
+    pub async fn add(&mut self, handle: &rtnetlink::Handle, endpoints: &[SocketAddr]) {
+        self.look_up(handle, endpoints.iter().map(|e| e.ip()), false)
+            .await;
+    }
+
+    async fn look_up(
+        &mut self,
+        handle: &rtnetlink::Handle,
+        ips: impl Iterator<Item = IpAddr>,
+        refresh: bool,
+    ) {
+        let mut todo: Vec<IpAddr> = ips.filter(|ip| !self.paths.contains_key(ip)).collect();
         if refresh {
             let mut old: Vec<(&IpAddr, &std::time::Instant)> =
                 self.paths.iter().map(|(ip, (_, at))| (ip, at)).collect();
@@ -159,8 +175,8 @@ impl PathCache {
         }
     }
 
-    pub fn paths(&self) -> Vec<Path> {
-        self.paths.values().map(|(p, _)| *p).collect()
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        self.paths.values().map(|(p, _)| p)
     }
 }
 

@@ -320,15 +320,19 @@ impl Net {
 
     /// Brings the tunnel MTU (see [`crate::mtu`]) up to date on the WireGuard interface and the
     /// bridge; the caller gives it to new pods. Returns the new MTU when it changed.
+    /// `endpoints`: every peer's (the cache drops the others; `refresh`: look again at the
+    /// oldest), or with `Only` the changed peers' (the cache only grows).
     pub async fn sync_mtu(
         &mut self,
         cfg: &Config,
-        peer_links: Vec<u32>,
-        endpoints: &[std::net::SocketAddr],
-        refresh: bool,
+        peer_links: Option<u32>,
+        endpoints: Endpoints<'_>,
     ) -> Result<Option<u32>> {
-        self.paths.update(&self.handle, endpoints, refresh).await;
-        let mtu = crate::mtu::tunnel(cfg.link, peer_links, &self.paths.paths());
+        match endpoints {
+            Endpoints::All { of, refresh } => self.paths.update(&self.handle, of, refresh).await,
+            Endpoints::Only(of) => self.paths.add(&self.handle, of).await,
+        }
+        let mtu = crate::mtu::tunnel(cfg.link, peer_links, self.paths.paths());
         if mtu == cfg.mtu {
             return Ok(None);
         }
@@ -341,6 +345,18 @@ impl Net {
         self.connection.abort();
         Ok(())
     }
+}
+
+/// Which peer endpoints a [`Net::sync_mtu`] covers.
+#[derive(Clone, Copy, Debug)]
+pub enum Endpoints<'a> {
+    /// Every peer's.
+    All {
+        of: &'a [std::net::SocketAddr],
+        refresh: bool,
+    },
+    /// The changed peers' only.
+    Only(&'a [std::net::SocketAddr]),
 }
 
 /// Routes the whole pod universe and the mesh prefix into the WireGuard interface `wg`, with

@@ -40,6 +40,10 @@ pub struct Planner {
     /// The nodes to plan again, each with the keys it had at the last plan; `None`: plan the
     /// whole mesh.
     dirty: Option<BTreeMap<String, Vec<String>>>,
+    /// The link MTUs the nodes publish, each with how many publish it.
+    link_mtus: BTreeMap<u32, usize>,
+    /// The ring names of the nodes ring gossip goes to (see [`is_gossip_peer`]).
+    gossip: BTreeSet<PeerName>,
 }
 
 /// A node's keys: the current one and, while it rotates, the next.
@@ -85,8 +89,20 @@ impl Planner {
             out.hosts_changed |=
                 old.as_ref().is_some_and(Node::is_host) || new.as_ref().is_some_and(Node::is_host);
             let mut replan_all = self.indirect.remove(name);
+            if let Some(mtu) = old.as_ref().and_then(|o| o.spec.mtu) {
+                if let Some(c) = self.link_mtus.get_mut(&mtu) {
+                    *c -= 1;
+                    if *c == 0 {
+                        self.link_mtus.remove(&mtu);
+                    }
+                }
+            }
+            if let Some(mtu) = new.as_ref().and_then(|n| n.spec.mtu) {
+                *self.link_mtus.entry(mtu).or_default() += 1;
+            }
             if let Some(o) = &old {
                 self.by_ring.remove(&o.ring_name());
+                self.gossip.remove(&o.ring_name());
                 for k in keys_of(o) {
                     let holders = self.keys.entry(k.clone()).or_default();
                     replan_all |= holders.len() > 1;
@@ -107,8 +123,11 @@ impl Planner {
                     self.indirect.insert(name.clone());
                     replan_all = true;
                 }
-                if is_gossip_peer(me, n) && !was_gossip {
-                    out.new_gossip.push(n.ring_name());
+                if is_gossip_peer(me, n) {
+                    self.gossip.insert(n.ring_name());
+                    if !was_gossip {
+                        out.new_gossip.push(n.ring_name());
+                    }
                 }
                 if n.is_host() && old.is_none() {
                     out.new_hosts.push(name.clone());
@@ -125,6 +144,11 @@ impl Planner {
         out
     }
 
+    /// The smallest link MTU a node publishes.
+    pub fn smallest_link_mtu(&self) -> Option<u32> {
+        self.link_mtus.keys().next().copied()
+    }
+
     /// The next plan covers the whole mesh (`me` changed, or the device lost track).
     pub fn replan_all(&mut self) {
         self.dirty = None;
@@ -139,12 +163,9 @@ impl Planner {
         self.by_ring.get(ring_name).map(|n| &self.nodes[n])
     }
 
-    /// The peers ring gossip goes to (see [`is_gossip_peer`]).
-    pub fn gossip_peers(&self) -> Vec<PeerName> {
-        self.peers()
-            .filter(|(_, n)| !self.indirect.contains(&n.name) && !n.is_host())
-            .map(|(r, _)| r.clone())
-            .collect()
+    /// The peers ring gossip goes to (see [`is_gossip_peer`]), in ring-name order.
+    pub fn gossip_peers(&self) -> &BTreeSet<PeerName> {
+        &self.gossip
     }
 
     /// Plans what changed since the last plan, for `ring`. Returns the public keys planned
@@ -234,6 +255,7 @@ mod tests {
         spec.next_public_key = rng
             .gen_bool(0.2)
             .then(|| format!("k{}", rng.gen_range(0..8)));
+        spec.mtu = rng.gen_bool(0.3).then(|| rng.gen_range(1380..1500));
         if rng.gen_bool(0.1) {
             spec.allowed_ips = Some(vec![format!("10.50.0.{}/32", rng.gen_range(1..9))]);
         }
@@ -292,6 +314,18 @@ mod tests {
                 p.update(&me, &changed, &view);
                 let touched = p.plan(&me, &ring);
                 let whole = plan::desired(&me, view.values(), &plan::Owned::of(&ring));
+                let smallest = view
+                    .values()
+                    .filter(|n| n.name != me.name)
+                    .filter_map(|n| n.spec.mtu)
+                    .min();
+                assert_eq!(p.smallest_link_mtu(), smallest, "seed {seed} step {step}");
+                let gossip: BTreeSet<PeerName> = view
+                    .values()
+                    .filter(|n| is_gossip_peer(&me, n))
+                    .map(Node::ring_name)
+                    .collect();
+                assert_eq!(p.gossip_peers(), &gossip, "seed {seed} step {step}");
                 assert_eq!(p.want(), &whole, "seed {seed} step {step}");
                 if let Some(touched) = touched {
                     for k in before.keys().chain(whole.keys()) {

@@ -35,6 +35,8 @@ pub struct Scale {
     pub busy_ms: f64,
     pub idle_ms: f64,
     pub rss_mib: f64,
+    /// The slowest changes: latency, MeshPeer and when it was written.
+    pub slowest: Vec<(Duration, String, Timestamp)>,
 }
 
 fn fake_peer(i: usize) -> (String, MeshPeerSpec) {
@@ -119,6 +121,11 @@ pub fn run(dir: &Path, prefix: &str, peers: usize, changes: usize, backend: &str
             .join()
             .unwrap_or_else(|_| Err(anyhow::anyhow!("the measuring thread panicked")))
     });
+    // The router's log outlives the lab, to look into the slowest changes.
+    let kept = dir.with_extension("router.log");
+    if std::fs::copy(lab.dir.join("node1/router.log"), &kept).is_ok() {
+        eprintln!("router log kept at {}", kept.display());
+    }
     let down = Lab::down(dir, prefix);
     let scale = result?;
     down?;
@@ -249,6 +256,7 @@ fn measure(lab: &Lab, peers: usize, changes: usize, backend: &str) -> Result<Sca
     let busy_start = Instant::now();
     let mut latencies = Vec::new();
     let mut watch_latencies = Vec::new();
+    let mut slowest = Vec::new();
     for c in 0..changes {
         let (name, spec) = &specs[(c * 7919) % peers];
         let endpoint = format!("10.201.{}.{}:51820", c / 250, c % 250 + 1);
@@ -272,6 +280,7 @@ fn measure(lab: &Lab, peers: usize, changes: usize, backend: &str) -> Result<Sca
             Duration::from_micros((t.as_microsecond() - sent.as_microsecond()).max(0) as u64)
         };
         latencies.push(since(at));
+        slowest.push((since(at), name.clone(), sent));
         let watched = seen
             .lock()
             .ok()
@@ -283,6 +292,8 @@ fn measure(lab: &Lab, peers: usize, changes: usize, backend: &str) -> Result<Sca
     let busy = cpu_ms(pid)? - c1;
     latencies.sort();
     watch_latencies.sort();
+    slowest.sort_by_key(|s| std::cmp::Reverse(s.0));
+    slowest.truncate(3);
     let pick =
         |l: &[Duration], q: f64| l[((l.len() as f64 * q).ceil() as usize).clamp(1, l.len()) - 1];
     Ok(Scale {
@@ -301,5 +312,6 @@ fn measure(lab: &Lab, peers: usize, changes: usize, backend: &str) -> Result<Sca
         busy_ms: busy,
         idle_ms: idle,
         rss_mib: rss_mib(pid)?,
+        slowest,
     })
 }

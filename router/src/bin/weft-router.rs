@@ -342,8 +342,21 @@ async fn install_cni_conf_when_ready(handle: Handle, dir: PathBuf, socket: PathB
 #[tokio::main]
 async fn main() -> Result<()> {
     let a = Args::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // In-process WireGuard logs each handshake retry and each peer set: one line per peer per
+    // 5 s for every peer that does not answer (thousands at scale). weft reports stale
+    // handshakes itself (status, Events, metrics) and logs the peers it sets.
+    // (Unless RUST_LOG names them.)
+    let env = std::env::var("RUST_LOG").unwrap_or_default();
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if !env.contains("defguard") {
+        for quiet in [
+            "defguard_boringtun=error",
+            "defguard_wireguard_rs::wgapi_userspace=warn",
+        ] {
+            filter = filter.add_directive(quiet.parse().expect("a valid directive"));
+        }
+    }
     if a.log_format == "json" {
         tracing_subscriber::fmt()
             .json()

@@ -368,6 +368,9 @@ async fn main() -> Result<()> {
                 ms(s.change_p50),
                 ms(s.change_p99)
             );
+            for (d, name, at) in &s.slowest {
+                println!("  slow: {:.1} ms, {name} written at {at}", ms(*d));
+            }
             println!(
                 "the same changes seen by a plain watch (the API server's share): p50 {:.1} ms, p99 {:.1} ms",
                 ms(s.watch_p50),
