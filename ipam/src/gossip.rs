@@ -66,8 +66,11 @@ const NEWS_BUDGET: usize = 16 * 1024;
 
 /// While news is still spreading, a differing fingerprint is mostly news in flight: a peer
 /// starts comparing slices then at most once in this many rounds. With no news on either end,
-/// at once.
+/// at once; and after [`SYNC_MISSED`] rounds when a digest taught it nothing yet the rings
+/// still differ (the news in flight does not explain the difference: one of the two missed a
+/// rumor — the stragglers a push-only spread leaves).
 const SYNC_EVERY: u64 = 8;
+const SYNC_MISSED: u64 = 2;
 
 /// Whether a range's free count moved enough to tell every peer: peers use free counts only to
 /// weigh whom to ask for space and whether an asker is low or empty, so a count is sent when it
@@ -350,7 +353,10 @@ impl Node {
                     }
                     self.gossip.synced_at = self.gossip.rounds + 1;
                     reply(Message::Buckets(Vec::new()))
-                } else if quiet || self.gossip.rounds >= self.gossip.synced_at + SYNC_EVERY {
+                } else if quiet
+                    || (!changed && self.gossip.rounds >= self.gossip.synced_at + SYNC_MISSED)
+                    || self.gossip.rounds >= self.gossip.synced_at + SYNC_EVERY
+                {
                     self.gossip.synced_at = self.gossip.rounds;
                     reply(Message::Buckets(self.ring.bucket_sums().to_vec()))
                 } else {

@@ -53,7 +53,7 @@ fn sim_1000_peers_converge_without_overlap() {
 /// second, so bytes per round are bytes per second. The run is the 1000-peer one scaled up:
 /// joins of 50 a round, a partition that heals, 250 deletions reclaimed.
 ///
-/// Convergence is bounded at 30 rounds, not the 12 weft aims for: this run has measured 17 (seed
+/// Convergence is bounded at 30 rounds, not the 12 weft aims for: this run has measured 15 (seed
 /// 5000) with peers joining at 50 a second until the end; the bound catches a regression, the
 /// README says where the 12 stands.
 #[test]
