@@ -302,7 +302,7 @@ impl Mesh {
         self.planner.replan_all();
     }
 
-    /// Whether the device model is due for a full read ([`RESYNC`]).
+    /// Whether the device model is due for a full read (every 10 s).
     pub fn resync_due(&self) -> bool {
         !matches!(&self.model, Some((_, at)) if at.elapsed() < RESYNC)
     }
