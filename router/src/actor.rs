@@ -501,16 +501,16 @@ impl Actor {
         if self.cfg.mtu_fixed {
             return;
         }
+        let (all, only);
         let endpoints = match changed {
-            None => mesh.endpoints(),
-            Some(names) => mesh.endpoints_of(names),
-        };
-        let endpoints = match changed {
-            None => crate::net::Endpoints::All {
-                of: &endpoints,
-                refresh,
-            },
-            Some(_) => crate::net::Endpoints::Only(&endpoints),
+            None => {
+                all = mesh.endpoints();
+                crate::net::Endpoints::All { of: &all, refresh }
+            }
+            Some(names) => {
+                only = mesh.endpoints_of(names);
+                crate::net::Endpoints::Only(&only)
+            }
         };
         match net
             .sync_mtu(&self.cfg, mesh.smallest_link_mtu(), endpoints)

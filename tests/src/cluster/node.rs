@@ -240,7 +240,11 @@ impl ClusterNode {
             if out.status.success() {
                 return Ok(());
             }
-            if !procs::alive(&self.home.join("containerd.pid")) || Instant::now() > deadline {
+            // Not `procs::alive`: the pid runs nsenter and sh before it execs containerd, and
+            // a look in between read as "containerd died" (a conformance run failed so, with an
+            // empty containerd log).
+            let running = super::launch::running(&self.home.join("containerd.pid"));
+            if !running || Instant::now() > deadline {
                 bail!(
                     "containerd on {} did not come up: {}\n{}",
                     self.name,
