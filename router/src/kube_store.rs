@@ -1,6 +1,7 @@
 //! The Kubernetes peer store: MeshPeer objects, written by each router for itself with
 //! server-side apply (field manager `weft-router`), watched with a kube-runtime reflector.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -51,6 +52,21 @@ fn to_nodes(peers: Vec<MeshPeer>) -> Vec<Node> {
     nodes
 }
 
+/// Each MeshPeer's uid and generation as last passed on, by name.
+type Generations = HashMap<String, (Option<String>, Option<i64>)>;
+
+/// Whether `p`'s spec may differ from the one last passed on, and remembers it. Every router
+/// rewrites its MeshPeer's status every few seconds; status is a subresource, so that leaves
+/// the spec's generation alone and the event is not passed on — at thousands of nodes, most
+/// events are these.
+fn spec_changed(seen: &mut Generations, p: &MeshPeer) -> bool {
+    let name = p.metadata.name.clone().unwrap_or_default();
+    let now = (p.metadata.uid.clone(), p.metadata.generation);
+    let same = now.1.is_some() && seen.get(&name) == Some(&now);
+    seen.insert(name, now);
+    !same
+}
+
 impl KubeStore {
     pub fn new(client: kube::Client) -> Self {
         KubeStore {
@@ -78,6 +94,7 @@ impl KubeStore {
         tokio::spawn(async move {
             futures::pin_mut!(stream);
             let mut listed: Vec<Node> = Vec::new();
+            let mut seen = Generations::new();
             while let Some(event) = stream.next().await {
                 let out = match event {
                     Err(e) => {
@@ -86,19 +103,25 @@ impl KubeStore {
                     }
                     Ok(watcher::Event::Init) => {
                         listed.clear();
+                        seen.clear();
                         continue;
                     }
                     Ok(watcher::Event::InitApply(p)) => {
+                        spec_changed(&mut seen, &p);
                         listed.extend(to_node(p));
                         continue;
                     }
                     Ok(watcher::Event::InitDone) => PeerEvent::Reset(std::mem::take(&mut listed)),
+                    Ok(watcher::Event::Apply(p)) if !spec_changed(&mut seen, &p) => continue,
                     Ok(watcher::Event::Apply(p)) => match to_node(p) {
                         Some(n) => PeerEvent::Upsert(Box::new(n)),
                         None => continue,
                     },
                     Ok(watcher::Event::Delete(p)) => match p.metadata.name {
-                        Some(n) => PeerEvent::Delete(n),
+                        Some(n) => {
+                            seen.remove(&n);
+                            PeerEvent::Delete(n)
+                        }
                         None => continue,
                     },
                 };

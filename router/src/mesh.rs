@@ -213,11 +213,6 @@ impl Mesh {
         }
     }
 
-    /// The next reconcile plans every peer again (`me` changed).
-    pub fn replan_all(&mut self) {
-        self.planner.replan_all();
-    }
-
     /// The other nodes by name.
     pub fn nodes(&self) -> &BTreeMap<String, Node> {
         self.planner.nodes()

@@ -101,8 +101,9 @@ impl Planner {
                 *self.link_mtus.entry(mtu).or_default() += 1;
             }
             if let Some(o) = &old {
-                self.by_ring.remove(&o.ring_name());
-                self.gossip.remove(&o.ring_name());
+                let ring_name = o.ring_name();
+                self.by_ring.remove(&ring_name);
+                self.gossip.remove(&ring_name);
                 for k in keys_of(o) {
                     let holders = self.keys.entry(k.clone()).or_default();
                     replan_all |= holders.len() > 1;
@@ -113,7 +114,9 @@ impl Planner {
                 }
             }
             if let Some(n) = &new {
-                self.by_ring.insert(n.ring_name(), name.clone());
+                // Derived from the key when not published: worked out once.
+                let ring_name = n.ring_name();
+                self.by_ring.insert(ring_name.clone(), name.clone());
                 for k in keys_of(n) {
                     let holders = self.keys.entry(k).or_default();
                     holders.insert(name.clone());
@@ -124,9 +127,9 @@ impl Planner {
                     replan_all = true;
                 }
                 if is_gossip_peer(me, n) {
-                    self.gossip.insert(n.ring_name());
+                    self.gossip.insert(ring_name.clone());
                     if !was_gossip {
-                        out.new_gossip.push(n.ring_name());
+                        out.new_gossip.push(ring_name);
                     }
                 }
                 if n.is_host() && old.is_none() {

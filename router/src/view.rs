@@ -61,11 +61,6 @@ impl PeerView {
         &self.nodes
     }
 
-    /// The IPv4 mesh address `name` claims validly (held or not).
-    pub fn claim(&self, name: &str) -> Option<Ipv4Addr> {
-        self.claim_of.get(name).copied()
-    }
-
     /// Applies `events` in order; returns the names of the nodes that changed (appeared, went,
     /// or differ), each once.
     pub fn apply(&mut self, events: Vec<PeerEvent>) -> BTreeSet<String> {
@@ -150,7 +145,7 @@ fn upsert(
 ) {
     if !crate::keys::mesh_address_matches(&n.spec.public_key, &n.spec.mesh_address) {
         warn!(peer = %n.name, mesh_address = %n.spec.mesh_address, "ignoring a MeshPeer whose meshAddress is not derived from its publicKey (forged or corrupt: delete it and let its router publish again)");
-        return remove(t, claims, claim_of, &n.name.clone());
+        return remove(t, claims, claim_of, &n.name);
     }
     let old = unclaim(claims, claim_of, &n.name, t.nodes.get(&n.name));
     let new = crate::mesh4::valid(&n, range).filter(|_| !n.is_host());
