@@ -6,8 +6,9 @@
 #                                                    # and this stage replaced by built binaries
 #
 # tests/cluster/images.sh swaps the `build` stage for a folder (podman build --build-context
-# build=DIR) holding src/target/release/{weft-router,weftctl,weft}: keep the stage's name and the
-# paths the final stage copies from in step with it.
+# build=DIR) holding src/target/release/{weft-router,weftctl,weft}, and the `wireguard-go` stage
+# for one holding out/wireguard-go: keep the stages' names and the paths the final stage copies
+# from in step with it.
 
 FROM rust:1-bookworm AS build
 WORKDIR /src
@@ -17,6 +18,16 @@ COPY . .
 # with objcopy --strip-debug).
 ENV CARGO_PROFILE_RELEASE_STRIP=debuginfo
 RUN cargo build --release --locked -p weft-router -p weft-cni
+
+# The external WireGuard for nodes without the kernel module (`--wireguard auto` picks it
+# there, before in-process boringtun): wireguard-go from its Go module, not Debian 12's 2022
+# package, which predates its TUN offloads and batched UDP (0.7 vs 3.3 Gbit/s here: README,
+# "Throughput"). tests/wireguard-go.sh builds this same pin for the tests and images.sh (which
+# swaps this stage for a folder holding out/wireguard-go, like the `build` stage).
+FROM golang:1-bookworm AS wireguard-go
+ARG WIREGUARD_GO_VERSION=v0.0.0-20260522210424-ecfc5a8d5446
+RUN GOBIN=/out CGO_ENABLED=0 go install -trimpath golang.zx2c4.com/wireguard@${WIREGUARD_GO_VERSION} \
+	&& mv /out/wireguard /out/wireguard-go
 
 # Runtime needs: weft-router runs `nft -f -` for its SNAT table (nftables); WireGuard, links and
 # routes go through netlink in-process; `weftctl reset` runs `ip` and `nft`; `wg show` (both
@@ -29,4 +40,5 @@ RUN apt-get update \
 	&& apt-get install -y --no-install-recommends iproute2 nftables wireguard-tools \
 	&& rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log
 COPY --from=build /src/target/release/weft-router /src/target/release/weftctl /src/target/release/weft /usr/local/bin/
+COPY --from=wireguard-go /out/wireguard-go /usr/local/bin/
 ENTRYPOINT ["weft-router"]

@@ -23,6 +23,11 @@ command -v cargo >/dev/null || {
 	exit 2
 }
 cargo build --release --bins
+# Without the WireGuard kernel module the nodes run wireguard-go: the image's pin when Go is
+# here to build it (tests/wireguard-go.sh), else an installed one, else WireGuard in-process.
+if command -v go >/dev/null || [ -x /usr/local/go/bin/go ]; then
+	WEFT_WIREGUARD_GO=$(bash tests/wireguard-go.sh) && export WEFT_WIREGUARD_GO
+fi
 target/release/weft-lab up --nodes "$nodes" --pods-per-node 1
 target/release/weft-lab check
 cat <<'NEXT'

@@ -135,6 +135,10 @@ if [ "$(id -u)" != 0 ]; then
 	skip conformance "needs root"
 	skip "bench cni" "needs root"
 else
+	# Without the WireGuard kernel module the routers run wireguard-go (`auto`): the
+	# Dockerfile's pin, built from its Go module once (tests/wireguard-go.sh), as the image has.
+	WEFT_WIREGUARD_GO=$(bash tests/wireguard-go.sh)
+	export WEFT_WIREGUARD_GO
 	tier node node_tier
 	tier mesh mesh_tier
 	tier sites sites_tier

@@ -51,7 +51,8 @@ impl Backend {
 /// What the administrator asked for (`--wireguard`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Choice {
-    /// The kernel's where it has WireGuard, else in-process userspace.
+    /// The kernel's where it has WireGuard, else an external wireguard-go if one is installed,
+    /// else in-process userspace: fastest first, the process-bound one last.
     Auto,
     Kernel,
     External,
@@ -68,6 +69,50 @@ impl std::str::FromStr for Choice {
             "userspace" => Choice::Userspace,
             _ => return Err(format!("{s:?}: want auto, kernel, external or userspace")),
         })
+    }
+}
+
+/// The backend for `choice` on a host where kernel WireGuard is (or is not) `kernel` and an
+/// external program is (or is not) `external`; the error says why none fits.
+pub fn pick(choice: Choice, kernel: bool, external: bool) -> std::result::Result<Backend, String> {
+    match choice {
+        Choice::Kernel if !kernel => Err("this kernel has no WireGuard (EOPNOTSUPP): use \
+                                          --wireguard external or userspace"
+            .into()),
+        Choice::Kernel => Ok(Backend::Kernel),
+        Choice::External => Ok(Backend::External),
+        Choice::Userspace => Ok(Backend::Userspace),
+        Choice::Auto if kernel => Ok(Backend::Kernel),
+        Choice::Auto if external => Ok(Backend::External),
+        Choice::Auto => Ok(Backend::Userspace),
+    }
+}
+
+/// The external implementation's program: a path, or a name looked up in `PATH`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Program(pub String);
+
+impl Default for Program {
+    fn default() -> Self {
+        Program(EXTERNAL_PROGRAM.to_string())
+    }
+}
+
+impl Program {
+    /// Where the program is, if it is an executable file.
+    pub fn find(&self) -> Option<std::path::PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        let runnable = |p: &std::path::Path| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        };
+        if self.0.contains('/') {
+            let p = std::path::PathBuf::from(&self.0);
+            return runnable(&p).then_some(p);
+        }
+        let path = std::env::var_os("PATH")?;
+        std::env::split_paths(&path)
+            .map(|d| d.join(&self.0))
+            .find(|p| runnable(p))
     }
 }
 
@@ -204,16 +249,25 @@ async fn adopt(name: &str, mtu: u32, mesh: &[IpAddr]) -> Result<()> {
     .await
 }
 
-/// Starts `wireguard-go <name>` (it detaches and lives on after this process) and waits until
+/// Starts `<program> <name>` (it detaches and lives on after this process) and waits until
 /// its UAPI socket answers. A stale socket file (its process gone) is removed first.
-async fn start_external(name: &str) -> Result<()> {
+async fn start_external(
+    name: &str,
+    program: &Program,
+    found: Option<&std::path::Path>,
+) -> Result<()> {
     let socket = format!("/var/run/wireguard/{name}.sock");
     let _ = std::fs::remove_file(&socket);
     let fail = |reason: String| Error::Net {
-        what: format!("starting {EXTERNAL_PROGRAM} {name}"),
+        what: format!("starting {} {name}", program.0),
         reason,
     };
-    let out = tokio::process::Command::new(EXTERNAL_PROGRAM)
+    let Some(path) = found else {
+        return Err(fail(
+            "no such program (install wireguard-go, or name one with --wireguard-go)".into(),
+        ));
+    };
+    let out = tokio::process::Command::new(path)
         .arg(name)
         // The process must not die with the router's log pipe.
         .stdin(std::process::Stdio::null())
@@ -221,7 +275,7 @@ async fn start_external(name: &str) -> Result<()> {
         .stderr(std::process::Stdio::piped())
         .output()
         .await
-        .map_err(|e| fail(format!("{e} (apt-get install wireguard-go)")))?;
+        .map_err(|e| fail(format!("{}: {e}", path.display())))?;
     if !out.status.success() {
         return Err(fail(
             String::from_utf8_lossy(&out.stderr).trim().to_string(),
@@ -235,7 +289,8 @@ async fn start_external(name: &str) -> Result<()> {
         {
             info!(
                 interface = name,
-                "started {EXTERNAL_PROGRAM}: it outlives this router"
+                program = %path.display(),
+                "started an external WireGuard: it outlives this router"
             );
             return Ok(());
         }
@@ -244,35 +299,49 @@ async fn start_external(name: &str) -> Result<()> {
     Err(fail(format!("{socket} did not answer within 5 s")))
 }
 
-/// Removes `addr` from interface `name` (gone already: fine).
-async fn remove_address(name: &str, addr: IpAddr) -> Result<()> {
+/// Removes from interface `name` every address `unwanted` names (the interface gone: fine).
+async fn remove_addresses(name: &str, unwanted: impl Fn(IpAddr) -> bool) -> Result<()> {
     use futures::TryStreamExt;
+    use rtnetlink::packet_route::address::AddressAttribute;
     let netlink = |what: String| move |source| Error::Netlink { what, source };
     crate::net::with_netlink(|handle| async move {
         let Some(link) = crate::net::link_by_name(&handle, name).await? else {
             return Ok(());
         };
-        let mut addrs = handle
+        let found: Vec<_> = handle
             .address()
             .get()
             .set_link_index_filter(link.header.index)
-            .set_address_filter(addr)
-            .execute();
-        while let Some(a) = addrs
-            .try_next()
+            .execute()
+            .try_collect()
             .await
-            .map_err(netlink(format!("listing addresses of {name}")))?
-        {
+            .map_err(netlink(format!("listing addresses of {name}")))?;
+        for a in found {
+            let addr = a.attributes.iter().find_map(|at| match at {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            });
+            let Some(addr) = addr.filter(|ip| unwanted(*ip)) else {
+                continue;
+            };
             handle
                 .address()
                 .del(a)
                 .execute()
                 .await
                 .map_err(netlink(format!("removing {addr} from {name}")))?;
+            info!(interface = name, %addr, "removed an address that is no longer ours");
         }
         Ok(())
     })
     .await
+}
+
+/// Whether `addr` is one the router put on its interface and no longer wants: any but `mesh`
+/// and IPv6 link-local (which the kernel manages).
+fn stale(addr: IpAddr, mesh: &[IpAddr]) -> bool {
+    let link_local = matches!(addr, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80);
+    !mesh.contains(&addr) && !link_local
 }
 
 /// Each address as a host prefix (/32, /128).
@@ -311,21 +380,17 @@ impl Device {
         mesh: &[IpAddr],
         mtu: u32,
         choice: Choice,
+        program: &Program,
     ) -> Result<Device> {
-        let backend = match choice {
-            Choice::Auto if kernel_supported().await? => Backend::Kernel,
-            Choice::Auto | Choice::Userspace => Backend::Userspace,
-            Choice::Kernel if kernel_supported().await? => Backend::Kernel,
-            Choice::Kernel => {
-                return Err(Error::Net {
-                    what: format!("creating kernel WireGuard interface {name}"),
-                    reason: "this kernel has no WireGuard (EOPNOTSUPP): use --wireguard external \
-                             or userspace"
-                        .into(),
-                })
-            }
-            Choice::External => Backend::External,
+        let kernel = match choice {
+            Choice::Auto | Choice::Kernel => kernel_supported().await?,
+            Choice::External | Choice::Userspace => false,
         };
+        let external = program.find();
+        let backend = pick(choice, kernel, external.is_some()).map_err(|reason| Error::Net {
+            what: format!("creating kernel WireGuard interface {name}"),
+            reason,
+        })?;
         let adopted = match backend {
             Backend::Kernel => link_exists(name).await?,
             Backend::External => {
@@ -336,7 +401,7 @@ impl Device {
                         .unwrap_or(false)
                 };
                 if !alive {
-                    start_external(name).await?;
+                    start_external(name, program, external.as_deref()).await?;
                 }
                 alive
             }
@@ -383,6 +448,12 @@ impl Device {
                     .as_ref()
                     .is_some_and(|k| same_private_key(&k.to_string(), private_key))
         });
+        if adopted {
+            // The last router's mesh addresses (another key, another IPv4 pick) would be picked
+            // as our source address: peers drop what comes from outside our AllowedIPs. Kernel
+            // WireGuard's configure flushes them; a wireguard-go's does not.
+            remove_addresses(name, |a| stale(a, mesh)).await?;
+        }
         if same {
             adopt(name, mtu, mesh).await?;
             info!(
@@ -417,8 +488,17 @@ impl Device {
             mtu,
             "WireGuard interface up"
         );
-        if backend == Backend::Userspace && choice == Choice::Auto {
-            info!("the kernel has no WireGuard (EOPNOTSUPP): using userspace WireGuard in-process");
+        match (choice, backend) {
+            (Choice::Auto, Backend::External) => info!(
+                program = ?external,
+                "the kernel has no WireGuard (EOPNOTSUPP): using an external wireguard-go"
+            ),
+            (Choice::Auto, Backend::Userspace) => info!(
+                "the kernel has no WireGuard (EOPNOTSUPP) and {} is not installed: using \
+                 userspace WireGuard in-process (slower, and the interface goes with the router)",
+                program.0
+            ),
+            _ => {}
         }
         Ok(device)
     }
@@ -457,9 +537,7 @@ impl Device {
                 "switching {} to a new key (mesh addresses {mesh:?})",
                 self.name
             )))?;
-        for old in old_mesh.iter().filter(|a| !mesh.contains(a)) {
-            remove_address(&self.name, *old).await?;
-        }
+        remove_addresses(&self.name, |a| old_mesh.contains(&a) && stale(a, mesh)).await?;
         info!(interface = %self.name, ?mesh, "WireGuard key rotated");
         Ok(())
     }
@@ -591,5 +669,54 @@ impl Drop for Device {
                 warn!(interface = %self.name, "removing WireGuard interface: {msg}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_prefers_kernel_then_external_then_in_process() {
+        let (k, e, u) = (Backend::Kernel, Backend::External, Backend::Userspace);
+        assert_eq!(pick(Choice::Auto, true, true), Ok(k));
+        assert_eq!(pick(Choice::Auto, false, true), Ok(e));
+        assert_eq!(pick(Choice::Auto, false, false), Ok(u));
+        // What the administrator names is what runs, or an error saying why not.
+        assert_eq!(pick(Choice::External, true, false), Ok(e));
+        assert_eq!(pick(Choice::Userspace, true, true), Ok(u));
+        assert_eq!(pick(Choice::Kernel, true, false), Ok(k));
+        assert!(pick(Choice::Kernel, false, true)
+            .unwrap_err()
+            .contains("EOPNOTSUPP"));
+    }
+
+    #[test]
+    fn stale_addresses_are_any_but_ours_and_link_local() {
+        let mesh: Vec<IpAddr> = vec![
+            "fd77:6566:7400::1".parse().unwrap(),
+            "198.18.0.7".parse().unwrap(),
+        ];
+        assert!(!stale(mesh[0], &mesh) && !stale(mesh[1], &mesh));
+        assert!(stale("fd77:6566:7400::2".parse().unwrap(), &mesh));
+        assert!(stale("198.18.0.8".parse().unwrap(), &mesh));
+        assert!(!stale("fe80::1".parse().unwrap(), &mesh));
+        assert!(!stale("febf::1".parse().unwrap(), &mesh));
+        assert!(stale("fec0::1".parse().unwrap(), &mesh));
+    }
+
+    #[test]
+    fn a_program_is_found_by_path_or_in_path() {
+        let sh = Program("sh".into()).find().expect("sh in PATH");
+        assert!(sh.is_absolute(), "{sh:?}");
+        assert_eq!(Program(sh.display().to_string()).find(), Some(sh));
+        assert_eq!(Program("/nonexistent/wireguard-go".into()).find(), None);
+        assert_eq!(Program("weft-no-such-program".into()).find(), None);
+        // Not executable: not a program.
+        let plain = std::env::temp_dir().join(format!("weft-not-a-program-{}", std::process::id()));
+        std::fs::write(&plain, "").unwrap();
+        let found = Program(plain.display().to_string()).find();
+        std::fs::remove_file(&plain).unwrap();
+        assert_eq!(found, None);
     }
 }

@@ -1,7 +1,7 @@
 //! Root: two namespaces joined by a veth, a weft WireGuard device in each (kernel if the kernel
-//! has WireGuard, else userspace — on machines without the module this proves the fallback),
-//! peers from the plan, traffic across the tunnel, `wg show` sees the handshake, an update that
-//! does not recreate the interface, a removal, and cleanup.
+//! has WireGuard, else userspace in-process), peers from the plan, traffic across the tunnel,
+//! `wg show` sees the handshake, an update that does not recreate the interface, a removal, and
+//! cleanup. And the probe `auto` decides by agrees with `ip link add ... type wireguard`.
 
 use std::os::fd::AsFd;
 use std::process::Command;
@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use router::keys::Identity;
 use router::plan::{diff, WgPeer};
-use router::wg::{Backend, Device};
+use router::wg::{Backend, Choice, Device};
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().unwrap();
@@ -58,6 +58,13 @@ impl Node {
                 .enable_all()
                 .build()
                 .unwrap();
+            // Not `auto`: without kernel WireGuard it picks an installed wireguard-go, which
+            // outlives the test by design (the mesh tier covers that backend).
+            let choice = if rt.block_on(router::wg::kernel_supported()).unwrap() {
+                Choice::Kernel
+            } else {
+                Choice::Userspace
+            };
             let dev = rt
                 .block_on(Device::open(
                     &ifname,
@@ -65,7 +72,8 @@ impl Node {
                     51820,
                     &[mesh.into()],
                     1420,
-                    router::wg::Choice::Auto,
+                    choice,
+                    &router::wg::Program::default(),
                 ))
                 .unwrap();
             // Routes as the router installs them: the universe and the mesh prefix into the
@@ -232,4 +240,33 @@ fn two_nodes_talk_through_weft_wireguard() {
     let (exists, _) = in_ns(&a, &["ip", "link", "show", &ifa]);
     assert!(!exists, "{ifa} still exists after the device was dropped");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_kernel_probe_agrees_with_ip() {
+    let ns = format!("wgp{}", std::process::id() % 100_000);
+    let _cleanup = Namespaces(vec![ns.clone()]);
+    ip(&["netns", "add", &ns]);
+    let probe_ns = ns.clone();
+    let probed = std::thread::spawn(move || {
+        let f = std::fs::File::open(format!("/run/netns/{probe_ns}")).unwrap();
+        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(router::wg::kernel_supported())
+    })
+    .join()
+    .unwrap()
+    .expect("the probe answers yes or no, not an error");
+    let (made, out) = in_ns(&ns, &["ip", "link", "add", "wgprobe", "type", "wireguard"]);
+    println!(
+        "kernel WireGuard: probe {probed}, ip link add: {made} {}",
+        out.trim()
+    );
+    assert_eq!(probed, made, "{out}");
+    // The probe leaves nothing behind.
+    let (_, links) = in_ns(&ns, &["ip", "-o", "link"]);
+    assert!(!links.contains("weftwgprobe"), "{links}");
 }

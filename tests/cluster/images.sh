@@ -4,7 +4,8 @@
 # loads with `ctr -n k8s.io images import`:
 #
 #   weft.tar   weft.dev/weft:v0.1.0 and weft.dev/weft:v0.1.0-roll (one image, two tags): the
-#              repo's Dockerfile, its `build` stage replaced by the binaries given here
+#              repo's Dockerfile, its `build` stage replaced by the binaries given here and its
+#              `wireguard-go` stage by tests/wireguard-go.sh's build of the same pin
 #   tools.tar  weft.test/tools:latest: static busybox and its applet links, FROM scratch,
 #              entrypoint /bin/sh
 #   pause.tar  registry.k8s.io/pause:3.10.2: kubernetes' build/pause/linux/pause.c, static
@@ -52,8 +53,10 @@ K8S_MODULE=k8s.io/kubernetes@v1.36.3 # where pause.c comes from
 . "$(dirname "$0")/images-lib.sh"
 
 # --- b. weft, from the repo's Dockerfile ----------------------------------------------------
+WIREGUARD_GO=$(bash "$REPO/tests/wireguard-go.sh")
 stamp=$(
-	echo "weft image 2"
+	echo "weft image 3"
+	echo "wireguard-go $(sha256sum <"$WIREGUARD_GO" | cut -d' ' -f1)"
 	echo "dockerfile $(sha256sum <"$DOCKERFILE" | cut -d' ' -f1)"
 	echo "base $BASE_SHA"
 	for b in "${BINS[@]}"; do echo "$b $(sha256sum <"$BIN/$b" | cut -d' ' -f1)"; done
@@ -67,7 +70,10 @@ if rebuild "$OUT/weft.tar" || [ "$(cat "$OUT/weft.tar.stamp" 2>/dev/null)" != "$
 	for b in "${BINS[@]}"; do
 		objcopy --strip-debug "$BIN/$b" "$WORK/build/src/target/release/$b"
 	done
+	mkdir -p "$WORK/wireguard-go/out"
+	cp "$WIREGUARD_GO" "$WORK/wireguard-go/out/wireguard-go"
 	"${BUILD[@]}" -f "$DOCKERFILE" --build-context "build=$WORK/build" \
+		--build-context "wireguard-go=$WORK/wireguard-go" \
 		-t "$WEFT_IMAGE" -t "$WEFT_ROLL" "$WORK/context" >/dev/null
 	"${PODMAN[@]}" image prune -f >/dev/null # earlier builds' weft images, now untagged
 	save "$OUT/weft.tar" "$WEFT_IMAGE" "$WEFT_ROLL"

@@ -2,7 +2,7 @@
 //! includes it) and `weft-lab bench throughput` (iperf3 pod to pod across two nodes, against a
 //! hand-built tunnel of the same userspace WireGuard and MTU between two fresh namespaces).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use crate::check;
 use crate::lab::Lab;
 use crate::netns;
+use router::wg::Program;
 
 /// Join `joins` nodes one after the other into a 2-node lab; returns each join's time.
 pub fn join(dir: &Path, prefix: &str, joins: usize) -> Result<Vec<Duration>> {
@@ -55,9 +56,37 @@ pub fn iperf(server_ns: &str, client_ns: &str, server_ip: &str, secs: u32) -> Re
     Ok(bps / 1e9)
 }
 
-/// A wireguard-go tunnel built by hand with `wireguard-go`, `wg` and `ip` between two fresh
+/// The wireguard-go programs here, each once: the one weft's routers run (`WEFT_WIREGUARD_GO`,
+/// else `wireguard-go` in PATH) and the one in PATH (Debian's).
+pub fn wireguard_go_programs() -> Vec<PathBuf> {
+    let routers = std::env::var("WEFT_WIREGUARD_GO").unwrap_or_default();
+    let mut out: Vec<PathBuf> = Vec::new();
+    for p in [Program(routers), Program::default()] {
+        if let Some(found) = p.find().and_then(|f| f.canonicalize().ok()) {
+            if !out.contains(&found) {
+                out.push(found);
+            }
+        }
+    }
+    out
+}
+
+/// `wireguard-go v0.0.20250522`: what `<program> --version` says first.
+pub fn wireguard_go_version(program: &Path) -> String {
+    Command::new(program)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(|l| l.trim().to_string()))
+        .filter(|l| !l.is_empty())
+        .unwrap_or_else(|| program.display().to_string())
+}
+
+/// A wireguard-go tunnel built by hand with `program`, `wg` and `ip` between two fresh
 /// namespaces (a reference for `bench throughput`): same MTU, no bridge, no pod veth, no router.
-pub fn hand_built_wireguard_go(prefix: &str, mtu: u32, secs: u32) -> Result<f64> {
+pub fn hand_built_wireguard_go(program: &Path, prefix: &str, mtu: u32, secs: u32) -> Result<f64> {
+    let program = program.to_string_lossy();
     let (a, b) = (format!("{prefix}-ga"), format!("{prefix}-gb"));
     let cleanup = || {
         for ns in [&a, &b] {
@@ -104,7 +133,7 @@ pub fn hand_built_wireguard_go(prefix: &str, mtu: u32, secs: u32) -> Result<f64>
                 "eth0",
             ])?;
             netns::ip(&["-n", ns, "link", "set", "eth0", "up"])?;
-            netns::exec(ns, &["wireguard-go", &ifname])?;
+            netns::exec(ns, &[&program, &ifname])?;
             let key = keydir.join(format!("k{i}"));
             netns::exec(
                 ns,
@@ -220,6 +249,7 @@ pub fn hand_built(prefix: &str, mtu: u32, secs: u32) -> Result<f64> {
                         &[mesh.into()],
                         mtu,
                         router::wg::Choice::Userspace,
+                        &router::wg::Program::default(),
                     ))?;
                     dev.apply(&[Change::Add(peer)])?;
                     netns::ip(&["addr", "add", &addr, "dev", &ifname])?;
@@ -254,37 +284,46 @@ pub fn hand_built(prefix: &str, mtu: u32, secs: u32) -> Result<f64> {
     result
 }
 
-/// A hand-built tunnel's run: (prefix, MTU, seconds) to Gbit/s.
-type Reference = fn(&str, u32, u32) -> Result<f64>;
-
 /// weft pod to pod across two lab nodes on each userspace backend, then hand-built tunnels of
-/// the same implementations; each as (name, Gbit/s), weft's first.
+/// the same implementations (every wireguard-go here); each as (name, Gbit/s), weft's first.
 pub fn throughput(dir: &Path, prefix: &str, secs: u32) -> Result<Vec<(String, f64)>> {
+    let programs = wireguard_go_programs();
+    let Some(routers) = programs.first() else {
+        bail!("no wireguard-go (set WEFT_WIREGUARD_GO=$(bash tests/wireguard-go.sh))");
+    };
+    let external = format!("external WireGuard ({})", wireguard_go_version(routers));
+    let routers = routers.to_string_lossy().into_owned();
     let mut out = Vec::new();
-    for (name, backend) in [("external", "external"), ("in-process", "userspace")] {
+    for (name, backend) in [
+        (external.as_str(), "external"),
+        ("in-process WireGuard", "userspace"),
+    ] {
         let result = (|| -> Result<f64> {
-            let lab = Lab::up_with_env(dir, prefix, 2, 1, "dir", &[("WEFT_WIREGUARD", backend)])?;
+            let env = [("WEFT_WIREGUARD", backend), ("WEFT_WIREGUARD_GO", &routers)];
+            let lab = Lab::up_with_env(dir, prefix, 2, 1, "dir", &env)?;
             check::converge(&lab, Duration::from_secs(20))?;
             let (a, b) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
             iperf(&b.netns, &a.netns, &b.ip, secs)
         })();
         let cleanup = Lab::down(dir, prefix);
         out.push((
-            format!("weft pod -> pod, {name} WireGuard"),
-            result.with_context(|| format!("weft on {name} WireGuard"))?,
+            format!("weft pod -> pod, {name}"),
+            result.with_context(|| format!("weft on {name}"))?,
         ));
         cleanup?;
     }
-    let refs: [(&str, Reference); 2] = [
-        ("wireguard-go", hand_built_wireguard_go),
-        ("boringtun", hand_built),
-    ];
-    for (name, run) in refs {
-        let gbps = run(prefix, 1440, secs).with_context(|| format!("hand-built {name} tunnel"))?;
-        if gbps <= 0.0 {
-            bail!("the hand-built {name} tunnel carried nothing");
-        }
-        out.push((format!("hand-built {name} tunnel"), gbps));
+    let mut refs: Vec<(String, f64)> = Vec::new();
+    for program in &programs {
+        let name = wireguard_go_version(program);
+        let gbps = hand_built_wireguard_go(program, prefix, 1440, secs)
+            .with_context(|| format!("hand-built {name} tunnel"))?;
+        refs.push((format!("hand-built {name} tunnel"), gbps));
     }
+    let gbps = hand_built(prefix, 1440, secs).context("hand-built boringtun tunnel")?;
+    refs.push(("hand-built boringtun tunnel".into(), gbps));
+    if let Some((name, _)) = refs.iter().find(|(_, g)| *g <= 0.0) {
+        bail!("the {name} carried nothing");
+    }
+    out.extend(refs);
     Ok(out)
 }

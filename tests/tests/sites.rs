@@ -259,7 +259,10 @@ fn nodes_join_across_nats_sites_and_mtus() {
     let out = std::process::Command::new("ip")
         .args(["netns", "exec", &host, "wg-quick", "up"])
         .arg(&conf)
-        .env("WG_QUICK_USERSPACE_IMPLEMENTATION", "wireguard-go")
+        .env(
+            "WG_QUICK_USERSPACE_IMPLEMENTATION",
+            std::env::var("WEFT_WIREGUARD_GO").unwrap_or_else(|_| "wireguard-go".into()),
+        )
         .output()
         .unwrap();
     assert!(
@@ -344,31 +347,39 @@ fn nodes_join_across_nats_sites_and_mtus() {
     let v = check::check(&t.lab).unwrap();
     assert!(v.ok(), "after the rebinding: {v:?}");
 
-    // The path to site c shrinks (its gateway's LAN link to 1360): the first full-size packet
-    // brings an ICMP "fragmentation needed" back to node1, whose router lowers the tunnel MTU
-    // to 1300 within its 5 s look; a new pod gets it.
-    netns::ip(&[
-        "-n",
-        &format!("{prefix}-gw3"),
-        "link",
-        "set",
-        "lan",
-        "mtu",
-        "1360",
-    ])
-    .unwrap();
+    // The path to site c shrinks: its gateway forwards at most 1360 bytes either way (a route
+    // MTU: it answers with ICMP "fragmentation needed", as a router with a smaller link does;
+    // a smaller veth would drop what it receives without a word). The first full-size packet
+    // each way brings the ICMP back to its sender, whose router lowers the tunnel MTU to 1300
+    // within its 5 s look; a new pod gets it. Both ends must: wireguard-go pads a packet up to
+    // its interface MTU, so an end still at 1320 sends 1300 bytes as 1312.
+    for (net, dev) in [("10.99.3.0/24", "lan"), ("203.0.113.0/24", "wan")] {
+        netns::ip(&[
+            "-n",
+            &format!("{prefix}-gw3"),
+            "route",
+            "replace",
+            net,
+            "dev",
+            dev,
+            "mtu",
+            "1360",
+        ])
+        .unwrap();
+    }
     ping(&pods[0].0, &pods[4].1, &["-M", "do", "-s", "1292"]);
+    ping(&pods[4].0, &pods[0].1, &["-M", "do", "-s", "1292"]);
     let start = Instant::now();
-    let mtu = |lab: &Lab| -> u32 { lab.status(0).unwrap().mtu };
-    while mtu(&t.lab) != 1300 && start.elapsed() < Duration::from_secs(15) {
+    let mtus = |lab: &Lab| -> [u32; 2] { [0, 4].map(|n| lab.status(n).unwrap().mtu) };
+    while mtus(&t.lab) != [1300; 2] && start.elapsed() < Duration::from_secs(15) {
         std::thread::sleep(Duration::from_millis(200));
     }
     println!(
-        "path MTU to site c 1380 -> 1360: node1's tunnel MTU {} after {:.1}s",
-        mtu(&t.lab),
+        "path MTU to and from site c 1380 -> 1360: tunnel MTU of node1 and node5 {:?} after {:.1}s",
+        mtus(&t.lab),
         start.elapsed().as_secs_f64()
     );
-    assert_eq!(mtu(&t.lab), 1300);
+    assert_eq!(mtus(&t.lab), [1300; 2]);
     let pod = t.lab.add_pod(0, "late").unwrap();
     let late = netns::exec(&pod.netns, &["cat", "/sys/class/net/eth0/mtu"]).unwrap();
     assert_eq!(late.trim(), "1300", "a new pod gets the new MTU");
