@@ -22,6 +22,7 @@ pub const GROUP: &str = "weft.dev";
     printcolumn = r#"{"name":"Endpoint","type":"string","jsonPath":".spec.endpoints[0].address"}"#,
     printcolumn = r#"{"name":"Ranges","type":"string","jsonPath":".status.ranges"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"WireGuard","type":"string","jsonPath":".status.wireguard"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -162,6 +163,10 @@ pub struct MeshPeerStatus {
     /// Peers with a WireGuard handshake in the last three minutes, of all peers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handshakes: Option<String>,
+    /// The WireGuard backend the router runs: `kernel`, `external` (wireguard-go) or
+    /// `userspace` (in-process).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard: Option<String>,
 }
 
 /// The CRD as YAML, as `deploy/crds.yaml` holds it.

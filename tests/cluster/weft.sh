@@ -49,6 +49,14 @@ check "weft DaemonSet rolled out" k -n weft rollout status ds/weft --timeout=60s
 check "3 MeshPeers Ready (status published within 30 s)" eventually 30 meshpeers_ready
 fresh() { test "$(k get meshpeers -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="HandshakesFresh")].status}{"\n"}{end}' | grep -c True)" = 3; }
 check "3 MeshPeers HandshakesFresh (a handshake with every peer)" eventually 30 fresh
+# No WireGuard kernel module: `auto` runs the image's wireguard-go (kernel where the module is).
+ns=wftprobe$$
+ip netns add "$ns"
+want=external
+ip -n "$ns" link add wftprobe type wireguard 2>/dev/null && want=kernel
+ip netns del "$ns"
+backends() { test "$(k get meshpeers -o jsonpath='{range .items[*]}{.status.wireguard}{" "}{end}')" = "$want $want $want "; }
+check "each MeshPeer's status names the WireGuard backend its router runs ($want)" eventually 30 backends
 owners=$(k get meshpeers -o jsonpath='{range .items[*]}{.metadata.name}={.metadata.ownerReferences[0].kind}/{.metadata.ownerReferences[0].name}{" "}{end}')
 check "each MeshPeer is owned by its Node (the garbage collector deletes it with the Node)" \
 	test "$owners" = "node1=Node/node1 node2=Node/node2 node3=Node/node3 "

@@ -271,6 +271,7 @@ async fn publish_status(store: KubeStore, handle: Handle, stale_after: Duration)
                 handshakes_fresh,
             ],
             handshakes: Some(handshakes),
+            wireguard: Some(s.backend.clone()),
         };
         match store.publish_status(&s.node, &status).await {
             Ok(()) => last = Some(now),
