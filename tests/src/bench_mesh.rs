@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::check;
+use crate::hand_built;
 use crate::lab::Lab;
 use crate::netns;
 use router::wg::Program;
@@ -83,247 +84,78 @@ pub fn wireguard_go_version(program: &Path) -> String {
         .unwrap_or_else(|| program.display().to_string())
 }
 
-/// A wireguard-go tunnel built by hand with `program`, `wg` and `ip` between two fresh
-/// namespaces (a reference for `bench throughput`): same MTU, no bridge, no pod veth, no router.
-pub fn hand_built_wireguard_go(program: &Path, prefix: &str, mtu: u32, secs: u32) -> Result<f64> {
-    let program = program.to_string_lossy();
-    let (a, b) = (format!("{prefix}-ga"), format!("{prefix}-gb"));
-    let cleanup = || {
-        for ns in [&a, &b] {
-            netns::kill_all(ns);
-            let _ = netns::delete(ns);
-        }
-    };
-    cleanup();
-    let result = (|| -> Result<f64> {
-        let keydir = std::env::temp_dir().join(format!("{prefix}-wggo-keys"));
-        std::fs::create_dir_all(&keydir)?;
-        let mut pubs = Vec::new();
-        for i in 0..2 {
-            let key = keydir.join(format!("k{i}"));
-            let out = Command::new("wg").arg("genkey").output()?;
-            std::fs::write(&key, &out.stdout)?;
-            let mut p = Command::new("wg")
-                .arg("pubkey")
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()?;
-            std::io::Write::write_all(&mut p.stdin.take().context("stdin")?, &out.stdout)?;
-            pubs.push(
-                String::from_utf8(p.wait_with_output()?.stdout)?
-                    .trim()
-                    .to_string(),
-            );
-        }
-        netns::add(&a)?;
-        netns::add(&b)?;
-        netns::ip(&[
-            "-n", &a, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &b,
-        ])?;
-        for (i, ns) in [&a, &b].into_iter().enumerate() {
-            let (me, other) = (i + 1, 2 - i);
-            let ifname = format!("{prefix}g{i}");
-            netns::ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("10.98.7.{me}/24"),
-                "dev",
-                "eth0",
-            ])?;
-            netns::ip(&["-n", ns, "link", "set", "eth0", "up"])?;
-            netns::exec(ns, &[&program, &ifname])?;
-            let key = keydir.join(format!("k{i}"));
-            netns::exec(
-                ns,
-                &[
-                    "wg",
-                    "set",
-                    &ifname,
-                    "private-key",
-                    &key.to_string_lossy(),
-                    "listen-port",
-                    "51820",
-                    "peer",
-                    &pubs[1 - i],
-                    "endpoint",
-                    &format!("10.98.7.{other}:51820"),
-                    "allowed-ips",
-                    &format!("10.97.0.{other}/32"),
-                ],
-            )?;
-            netns::ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("10.97.0.{me}/32"),
-                "dev",
-                &ifname,
-            ])?;
-            netns::ip(&[
-                "-n",
-                ns,
-                "link",
-                "set",
-                &ifname,
-                "mtu",
-                &mtu.to_string(),
-                "up",
-            ])?;
-            netns::ip(&[
-                "-n",
-                ns,
-                "route",
-                "add",
-                &format!("10.97.0.{other}/32"),
-                "dev",
-                &ifname,
-            ])?;
-        }
-        let _ = std::fs::remove_dir_all(&keydir);
-        iperf(&b, &a, "10.97.0.2", secs)
-    })();
-    cleanup();
-    result
+/// Gbit/s per round of each path measured, in the order first measured.
+pub type Runs = Vec<(String, Vec<f64>)>;
+
+fn record(runs: &mut Runs, name: &str, gbps: f64) {
+    match runs.iter_mut().find(|(n, _)| n == name) {
+        Some((_, v)) => v.push(gbps),
+        None => runs.push((name.to_string(), vec![gbps])),
+    }
 }
 
-/// A userspace WireGuard tunnel built by hand between two fresh namespaces (a reference for
-/// `bench throughput`): the same implementation as weft's in-process one (its Device), the same
-/// MTU, no bridge, no pod veth, no router.
-pub fn hand_built(prefix: &str, mtu: u32, secs: u32) -> Result<f64> {
-    use router::keys::Identity;
-    use router::plan::{Change, WgPeer};
-    use router::wg::Device;
-    use std::os::fd::AsFd;
-    let (a, b) = (format!("{prefix}-ha"), format!("{prefix}-hb"));
-    let cleanup = || {
-        let _ = netns::delete(&a);
-        let _ = netns::delete(&b);
-    };
-    cleanup();
-    let result = (|| -> Result<f64> {
-        netns::add(&a)?;
-        netns::add(&b)?;
-        netns::ip(&[
-            "-n", &a, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &b,
-        ])?;
-        netns::ip(&["-n", &a, "addr", "add", "10.98.7.1/24", "dev", "eth0"])?;
-        netns::ip(&["-n", &b, "addr", "add", "10.98.7.2/24", "dev", "eth0"])?;
-        netns::ip(&["-n", &a, "link", "set", "eth0", "up"])?;
-        netns::ip(&["-n", &b, "link", "set", "eth0", "up"])?;
-        let keydir = std::env::temp_dir().join(format!("{prefix}-hand-keys"));
-        let _ = std::fs::remove_dir_all(&keydir);
-        let ids = [
-            Identity::load_or_create(&keydir.join("a"))?,
-            Identity::load_or_create(&keydir.join("b"))?,
-        ];
-        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-        let stop_rx = std::sync::Arc::new(std::sync::Mutex::new(stop_rx));
-        let mut threads = Vec::new();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-        for (i, ns) in [&a, &b].into_iter().enumerate() {
-            let (ns, me, other) = (ns.clone(), &ids[i], &ids[1 - i]);
-            let (key, mesh) = (me.private_base64(), me.mesh_address());
-            let peer = WgPeer {
-                public_key: other.public_base64(),
-                endpoint: Some(format!("10.98.7.{}:51820", 2 - i).parse()?),
-                allowed_ips: vec![format!("10.97.0.{}/32", 2 - i)],
-                keepalive: None,
-            };
-            let (ifname, addr) = (format!("{prefix}h{i}"), format!("10.97.0.{}/32", i + 1));
-            let peer_ip = format!("10.97.0.{}/32", 2 - i);
-            let (ready, stop) = (ready_tx.clone(), stop_rx.clone());
-            threads.push(std::thread::spawn(move || {
-                let run = || -> Result<Device> {
-                    let f = std::fs::File::open(format!("/run/netns/{ns}"))?;
-                    nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()?;
-                    let dev = rt.block_on(Device::open(
-                        &ifname,
-                        &key,
-                        51820,
-                        &[mesh.into()],
-                        mtu,
-                        router::wg::Choice::Userspace,
-                        &router::wg::Program::default(),
-                    ))?;
-                    dev.apply(&[Change::Add(peer)])?;
-                    netns::ip(&["addr", "add", &addr, "dev", &ifname])?;
-                    netns::ip(&["route", "add", &peer_ip, "dev", &ifname])?;
-                    Ok(dev)
-                };
-                match run() {
-                    Ok(dev) => {
-                        let _ = ready.send(Ok(()));
-                        let _ = stop.lock().map(|rx| rx.recv());
-                        drop(dev);
-                    }
-                    Err(e) => drop(ready.send(Err(format!("{e:#}")))),
-                }
-            }));
-            // One at a time: the WireGuard library's netlink calls are not safe from two
-            // namespaces at once in one process (a router is one process per namespace).
-            ready_rx
-                .recv_timeout(Duration::from_secs(20))
-                .context("hand-built tunnel")?
-                .map_err(anyhow::Error::msg)?;
-        }
-        let gbps = iperf(&b, &a, "10.97.0.2", secs);
-        drop(stop_tx);
-        for t in threads {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_dir_all(&keydir);
-        gbps
-    })();
-    cleanup();
-    result
-}
-
-/// weft pod to pod across two lab nodes on each userspace backend, then hand-built tunnels of
-/// the same implementations (every wireguard-go here); each as (name, Gbit/s), weft's first.
-pub fn throughput(dir: &Path, prefix: &str, secs: u32) -> Result<Vec<(String, f64)>> {
+/// weft pod to pod across two lab nodes, on each userspace backend in turn, and hand-built
+/// tunnels of the same implementations (every wireguard-go here, and weft's in-process
+/// boringtun): `rounds` rounds taking turns, so a slow spell of the machine hits every path
+/// alike. Names of weft's paths start with "weft".
+pub fn throughput(dir: &Path, prefix: &str, secs: u32, rounds: usize) -> Result<Runs> {
     let programs = wireguard_go_programs();
     let Some(routers) = programs.first() else {
         bail!("no wireguard-go (set WEFT_WIREGUARD_GO=$(bash tests/wireguard-go.sh))");
     };
+    let mut refs = Vec::new();
+    for (k, program) in programs.iter().enumerate() {
+        let name = format!("hand-built {} tunnel", wireguard_go_version(program));
+        let tag = format!("{prefix}g{k}");
+        refs.push(hand_built::wireguard_go(program, name, &tag, 1440)?);
+    }
+    let tag = format!("{prefix}h");
+    refs.push(hand_built::in_process(
+        "hand-built boringtun tunnel".into(),
+        &tag,
+        1440,
+    )?);
     let external = format!("external WireGuard ({})", wireguard_go_version(routers));
     let routers = routers.to_string_lossy().into_owned();
-    let mut out = Vec::new();
+    let mut runs = Runs::new();
     for (name, backend) in [
         (external.as_str(), "external"),
         ("in-process WireGuard", "userspace"),
     ] {
-        let result = (|| -> Result<f64> {
+        let name = format!("weft pod -> pod, {name}");
+        let result = (|| -> Result<()> {
             let env = [("WEFT_WIREGUARD", backend), ("WEFT_WIREGUARD_GO", &routers)];
             let lab = Lab::up_with_env(dir, prefix, 2, 1, "dir", &env)?;
             check::converge(&lab, Duration::from_secs(20))?;
             let (a, b) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
-            iperf(&b.netns, &a.netns, &b.ip, secs)
+            for _ in 0..rounds {
+                record(&mut runs, &name, iperf(&b.netns, &a.netns, &b.ip, secs)?);
+                for t in &refs {
+                    let gbps = iperf(&t.server, &t.client, &t.server_ip, secs)
+                        .with_context(|| t.name.clone())?;
+                    record(&mut runs, &t.name, gbps);
+                }
+            }
+            Ok(())
         })();
         let cleanup = Lab::down(dir, prefix);
-        out.push((
-            format!("weft pod -> pod, {name}"),
-            result.with_context(|| format!("weft on {name}"))?,
-        ));
+        result.with_context(|| name.clone())?;
         cleanup?;
     }
-    let mut refs: Vec<(String, f64)> = Vec::new();
-    for program in &programs {
-        let name = wireguard_go_version(program);
-        let gbps = hand_built_wireguard_go(program, prefix, 1440, secs)
-            .with_context(|| format!("hand-built {name} tunnel"))?;
-        refs.push((format!("hand-built {name} tunnel"), gbps));
+    if let Some((name, _)) = runs.iter().find(|(_, v)| v.iter().any(|g| *g <= 0.0)) {
+        bail!("{name} carried nothing");
     }
-    let gbps = hand_built(prefix, 1440, secs).context("hand-built boringtun tunnel")?;
-    refs.push(("hand-built boringtun tunnel".into(), gbps));
-    if let Some((name, _)) = refs.iter().find(|(_, g)| *g <= 0.0) {
-        bail!("the {name} carried nothing");
+    Ok(runs)
+}
+
+/// The median of `v` (not empty).
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
-    out.extend(refs);
-    Ok(out)
 }

@@ -9,6 +9,7 @@ pub mod check;
 pub mod cluster;
 pub mod e2e;
 pub mod forward;
+pub mod hand_built;
 pub mod kube_env;
 pub mod lab;
 pub mod netns;

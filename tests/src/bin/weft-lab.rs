@@ -161,8 +161,12 @@ enum BenchCmd {
     /// wireguard-go and boringtun tunnels; ends with `ratio throughput=<best weft / best
     /// hand-built>`.
     Throughput {
-        #[arg(long, default_value_t = 10)]
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 5)]
         seconds: u32,
+        /// Rounds: each path runs once per round, in turns; medians are compared.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// One real router on the lab's API server with N more MeshPeers: a restart to a full device,
     /// endpoint change to device (p50/p99), CPU per change, RSS; ends with `scale peers=<n>
@@ -406,19 +410,28 @@ async fn main() -> Result<()> {
                 times[times.len() / 2].as_secs_f64()
             );
         }
-        Top::Bench(BenchCmd::Throughput { seconds }) => {
+        Top::Bench(BenchCmd::Throughput { seconds, rounds }) => {
+            use weft_tests::bench_mesh::median;
             let runs = weft_tests::bench_mesh::throughput(
                 &cli.dir.join("bench"),
                 &format!("{}t", cli.prefix),
                 seconds,
+                rounds,
             )?;
-            for (name, gbps) in &runs {
-                println!("{name}: {gbps:.3} Gbit/s");
+            for (name, v) in &runs {
+                let (lo, hi) = v
+                    .iter()
+                    .fold((f64::MAX, 0.0f64), |(l, h), g| (l.min(*g), h.max(*g)));
+                println!(
+                    "{name}: {:.3} Gbit/s (median of {}, {lo:.3}-{hi:.3})",
+                    median(v),
+                    v.len()
+                );
             }
             let best = |weft: bool| {
                 runs.iter()
                     .filter(|(n, _)| n.starts_with("weft") == weft)
-                    .map(|(_, g)| *g)
+                    .map(|(_, v)| median(v))
                     .fold(0.0, f64::max)
             };
             println!("ratio throughput={:.2}", best(true) / best(false));
