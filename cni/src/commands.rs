@@ -112,9 +112,6 @@ fn undo(conf: &NetConf, a: &Attachment, host: &str, mut err: CniError) -> CniErr
 fn del(conf: &NetConf, env: &Env) -> Result<()> {
     let ifname = env.ifname.as_str();
     let host = veth::host_name(&env.container_id, ifname);
-    // The kernel takes ~20 ms to unregister a veth: release the address meanwhile.
-    let (socket, attachment) = (conf.socket.clone(), env.attachment(&conf.name));
-    let release = std::thread::spawn(move || router::release(&socket, &attachment));
     let mut errors = Vec::new();
     let mut pair_gone = false;
     if let Some(path) = &env.netns {
@@ -139,13 +136,10 @@ fn del(conf: &NetConf, env: &Env) -> Result<()> {
             errors.push(e);
         }
     }
-    match release.join() {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => errors.push(e),
-        Err(_) => errors.push(CniError::new(
-            spec::IO_FAILURE,
-            "the release thread panicked",
-        )),
+    // Only now: an address released while the old interface lives (the kernel takes 10-30 ms to
+    // unregister it) could go to a new pod while the old one still answers on it.
+    if let Err(e) = router::release(&conf.socket, &env.attachment(&conf.name)) {
+        errors.push(e);
     }
     combine(
         errors,
