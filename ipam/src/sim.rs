@@ -76,7 +76,13 @@ pub struct Report {
     pub reclaims: u64,
     pub allocations: usize,
     pub wall: Duration,
+    /// Live peers not yet holding the final ring, per round from the last change to
+    /// convergence: how the last news spread (the tail is anti-entropy's).
+    pub spread: Vec<usize>,
 }
+
+/// Rounds of ring fingerprints kept for [`Report::spread`].
+const SPREAD_WINDOW: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
@@ -117,6 +123,8 @@ struct Sim {
     round: usize,
     /// The last round in which some peer changed the ring itself (grant, reclaim, free count).
     last_mutation: usize,
+    /// Every live peer's ring fingerprint, for the last [`SPREAD_WINDOW`] rounds.
+    fingerprints: std::collections::VecDeque<(usize, Vec<u64>)>,
     /// Since when every live peer has held the same ring, if they do.
     converged_at: Option<usize>,
     partition: Option<std::ops::Range<usize>>,
@@ -347,6 +355,12 @@ impl Sim {
         self.needy()?;
         self.gossip()?;
         self.check_no_overlap()?;
+        if self.fingerprints.len() == SPREAD_WINDOW {
+            self.fingerprints.pop_front();
+        }
+        let live = self.peers.iter().filter(|p| p.live);
+        let fps = live.map(|p| p.node.ring().fingerprint()).collect();
+        self.fingerprints.push_back((self.round, fps));
         if self.converged() {
             self.converged_at.get_or_insert(self.round);
         } else {
@@ -439,6 +453,7 @@ pub fn run(cfg: Config) -> Result<Report, SimError> {
         report: Report::default(),
         round: 0,
         last_mutation: 0,
+        fingerprints: std::collections::VecDeque::new(),
         converged_at: None,
         partition: None,
         cfg,
@@ -525,6 +540,15 @@ pub fn run(cfg: Config) -> Result<Report, SimError> {
     sim.final_checks()?;
     let converged_at = sim.converged_at.unwrap_or(sim.round);
     let last_mutation = sim.last_mutation;
+    if let Some((_, last)) = sim.fingerprints.back() {
+        let fin = last.first().copied().unwrap_or_default();
+        sim.report.spread = sim
+            .fingerprints
+            .iter()
+            .filter(|(r, _)| (last_mutation..=converged_at).contains(r))
+            .map(|(_, fps)| fps.iter().filter(|f| **f != fin).count())
+            .collect();
+    }
     // Steady state begins when the last news has been spread and forgotten.
     for _ in 0..2 * STEADY_ROUNDS {
         if !sim.peers.iter().any(|p| p.live && p.node.has_news()) {

@@ -32,6 +32,10 @@ fn print(label: &str, seed: u64, r: &Report) {
         r.reclaims,
         r.allocations
     );
+    println!(
+        "{label}: peers without the final ring, per round since the last change: {:?}",
+        r.spread
+    );
 }
 
 #[test]

@@ -88,30 +88,42 @@ pub fn pick(choice: Choice, kernel: bool, external: bool) -> std::result::Result
     }
 }
 
-/// The external implementation's program: a path, or a name looked up in `PATH`.
+/// The external implementation: its program (a path, or a name looked up in `PATH`), and how
+/// long to wait for one that another process runs for the interface (the weft-wireguard
+/// DaemonSet, which outlives router pods) before starting our own.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Program(pub String);
+pub struct External {
+    pub program: String,
+    pub wait: std::time::Duration,
+}
 
-impl Default for Program {
+impl Default for External {
     fn default() -> Self {
-        Program(EXTERNAL_PROGRAM.to_string())
+        External::named(EXTERNAL_PROGRAM)
     }
 }
 
-impl Program {
+impl External {
+    pub fn named(program: impl Into<String>) -> Self {
+        External {
+            program: program.into(),
+            wait: std::time::Duration::ZERO,
+        }
+    }
+
     /// Where the program is, if it is an executable file.
     pub fn find(&self) -> Option<std::path::PathBuf> {
         use std::os::unix::fs::PermissionsExt;
         let runnable = |p: &std::path::Path| {
             std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         };
-        if self.0.contains('/') {
-            let p = std::path::PathBuf::from(&self.0);
+        if self.program.contains('/') {
+            let p = std::path::PathBuf::from(&self.program);
             return runnable(&p).then_some(p);
         }
         let path = std::env::var_os("PATH")?;
         std::env::split_paths(&path)
-            .map(|d| d.join(&self.0))
+            .map(|d| d.join(&self.program))
             .find(|p| runnable(p))
     }
 }
@@ -249,17 +261,36 @@ async fn adopt(name: &str, mtu: u32, mesh: &[IpAddr]) -> Result<()> {
     .await
 }
 
+/// Whether the userspace interface `name` answers on its socket within `wait` (at once if
+/// zero), asking every 50 ms.
+async fn answers_within(name: &str, wait: std::time::Duration) -> bool {
+    let until = std::time::Instant::now() + wait;
+    loop {
+        let n = name.to_string();
+        if tokio::task::spawn_blocking(move || userspace_alive(&n))
+            .await
+            .unwrap_or(false)
+        {
+            return true;
+        }
+        if std::time::Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// Starts `<program> <name>` (it detaches and lives on after this process) and waits until
 /// its UAPI socket answers. A stale socket file (its process gone) is removed first.
 async fn start_external(
     name: &str,
-    program: &Program,
+    external: &External,
     found: Option<&std::path::Path>,
 ) -> Result<()> {
     let socket = format!("/var/run/wireguard/{name}.sock");
     let _ = std::fs::remove_file(&socket);
     let fail = |reason: String| Error::Net {
-        what: format!("starting {} {name}", program.0),
+        what: format!("starting {} {name}", external.program),
         reason,
     };
     let Some(path) = found else {
@@ -281,20 +312,13 @@ async fn start_external(
             String::from_utf8_lossy(&out.stderr).trim().to_string(),
         ));
     }
-    for _ in 0..100 {
-        let n = name.to_string();
-        if tokio::task::spawn_blocking(move || userspace_alive(&n))
-            .await
-            .unwrap_or(false)
-        {
-            info!(
-                interface = name,
-                program = %path.display(),
-                "started an external WireGuard: it outlives this router"
-            );
-            return Ok(());
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    if answers_within(name, std::time::Duration::from_secs(5)).await {
+        info!(
+            interface = name,
+            program = %path.display(),
+            "started an external WireGuard: it outlives this router"
+        );
+        return Ok(());
     }
     Err(fail(format!("{socket} did not answer within 5 s")))
 }
@@ -380,28 +404,31 @@ impl Device {
         mesh: &[IpAddr],
         mtu: u32,
         choice: Choice,
-        program: &Program,
+        external: &External,
     ) -> Result<Device> {
         let kernel = match choice {
             Choice::Auto | Choice::Kernel => kernel_supported().await?,
             Choice::External | Choice::Userspace => false,
         };
-        let external = program.find();
-        let backend = pick(choice, kernel, external.is_some()).map_err(|reason| Error::Net {
+        let program = external.find();
+        let backend = pick(choice, kernel, program.is_some()).map_err(|reason| Error::Net {
             what: format!("creating kernel WireGuard interface {name}"),
             reason,
         })?;
         let adopted = match backend {
             Backend::Kernel => link_exists(name).await?,
             Backend::External => {
-                let alive = {
-                    let n = name.to_string();
-                    tokio::task::spawn_blocking(move || userspace_alive(&n))
-                        .await
-                        .unwrap_or(false)
-                };
+                let mut alive = answers_within(name, std::time::Duration::ZERO).await;
+                if !alive && !external.wait.is_zero() {
+                    info!(
+                        interface = name,
+                        wait = ?external.wait,
+                        "waiting for the node's wireguard-go (the weft-wireguard DaemonSet runs it)"
+                    );
+                    alive = answers_within(name, external.wait).await;
+                }
                 if !alive {
-                    start_external(name, program, external.as_deref()).await?;
+                    start_external(name, external, program.as_deref()).await?;
                 }
                 alive
             }
@@ -465,13 +492,17 @@ impl Device {
             );
             return Ok(device);
         }
-        if adopted {
-            let seen = found.map(|h| (h.listen_port, h.private_key.is_some()));
-            warn!(
+        match found {
+            // A wireguard-go started for us (weft-wireguard) and not configured yet.
+            Ok(h) if h.private_key.is_none() => {
+                info!(interface = name, "configuring the node's new wireguard-go")
+            }
+            Ok(h) => warn!(
                 interface = name,
-                ?seen,
+                seen_port = h.listen_port,
                 "the WireGuard interface left here has another key or port: configuring it afresh"
-            );
+            ),
+            Err(_) => {}
         }
         device
             .ops()
@@ -490,13 +521,13 @@ impl Device {
         );
         match (choice, backend) {
             (Choice::Auto, Backend::External) => info!(
-                program = ?external,
+                program = ?program,
                 "the kernel has no WireGuard (EOPNOTSUPP): using an external wireguard-go"
             ),
             (Choice::Auto, Backend::Userspace) => info!(
                 "the kernel has no WireGuard (EOPNOTSUPP) and {} is not installed: using \
                  userspace WireGuard in-process (slower, and the interface goes with the router)",
-                program.0
+                external.program
             ),
             _ => {}
         }
@@ -707,15 +738,15 @@ mod tests {
 
     #[test]
     fn a_program_is_found_by_path_or_in_path() {
-        let sh = Program("sh".into()).find().expect("sh in PATH");
+        let sh = External::named("sh").find().expect("sh in PATH");
         assert!(sh.is_absolute(), "{sh:?}");
-        assert_eq!(Program(sh.display().to_string()).find(), Some(sh));
-        assert_eq!(Program("/nonexistent/wireguard-go".into()).find(), None);
-        assert_eq!(Program("weft-no-such-program".into()).find(), None);
+        assert_eq!(External::named(sh.display().to_string()).find(), Some(sh));
+        assert_eq!(External::named("/nonexistent/wireguard-go").find(), None);
+        assert_eq!(External::named("weft-no-such-program").find(), None);
         // Not executable: not a program.
         let plain = std::env::temp_dir().join(format!("weft-not-a-program-{}", std::process::id()));
         std::fs::write(&plain, "").unwrap();
-        let found = Program(plain.display().to_string()).find();
+        let found = External::named(plain.display().to_string()).find();
         std::fs::remove_file(&plain).unwrap();
         assert_eq!(found, None);
     }

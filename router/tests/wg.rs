@@ -73,7 +73,7 @@ impl Node {
                     &[mesh.into()],
                     1420,
                     choice,
-                    &router::wg::Program::default(),
+                    &router::wg::External::default(),
                 ))
                 .unwrap();
             // Routes as the router installs them: the universe and the mesh prefix into the

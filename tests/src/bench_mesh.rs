@@ -12,7 +12,7 @@ use crate::check;
 use crate::hand_built;
 use crate::lab::Lab;
 use crate::netns;
-use router::wg::Program;
+use router::wg::External;
 
 /// Join `joins` nodes one after the other into a 2-node lab; returns each join's time.
 pub fn join(dir: &Path, prefix: &str, joins: usize) -> Result<Vec<Duration>> {
@@ -62,7 +62,7 @@ pub fn iperf(server_ns: &str, client_ns: &str, server_ip: &str, secs: u32) -> Re
 pub fn wireguard_go_programs() -> Vec<PathBuf> {
     let routers = std::env::var("WEFT_WIREGUARD_GO").unwrap_or_default();
     let mut out: Vec<PathBuf> = Vec::new();
-    for p in [Program(routers), Program::default()] {
+    for p in [External::named(routers), External::default()] {
         if let Some(found) = p.find().and_then(|f| f.canonicalize().ok()) {
             if !out.contains(&found) {
                 out.push(found);

@@ -180,7 +180,7 @@ pub fn in_process(name: String, tag: &str, mtu: u32) -> Result<Tunnel> {
                     &[mesh.into()],
                     mtu,
                     router::wg::Choice::Userspace,
-                    &router::wg::Program::default(),
+                    &router::wg::External::default(),
                 ))?;
                 dev.apply(&[Change::Add(peer)])?;
                 address_and_route(&ns, &ifname, i, mtu)?;

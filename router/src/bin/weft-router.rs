@@ -116,6 +116,11 @@ struct Args {
     /// current wireguard-go (TUN offloads and batched UDP: about 5x Debian 12's 2022 one).
     #[arg(long, env = "WEFT_WIREGUARD_GO", default_value = router::wg::EXTERNAL_PROGRAM)]
     wireguard_go: String,
+    /// Seconds to wait for a wireguard-go that another process runs for the interface before
+    /// starting one of our own (the DaemonSet sets it: its weft-wireguard pods keep the
+    /// interface up while router pods roll).
+    #[arg(long, env = "WEFT_EXTERNAL_WAIT", default_value_t = 0.0)]
+    external_wait: f64,
     /// Same as `--wireguard userspace`.
     #[arg(long)]
     userspace_wireguard: bool,
@@ -556,7 +561,10 @@ async fn main() -> Result<()> {
         } else {
             a.wireguard
         },
-        &router::wg::Program(a.wireguard_go.clone()),
+        &router::wg::External {
+            program: a.wireguard_go.clone(),
+            wait: Duration::from_secs_f64(a.external_wait),
+        },
     )
     .await?;
     router::net::mesh_routes_once(

@@ -4,7 +4,8 @@
 //! The holder (`unshare --mount --uts --propagation slave`, then `nsenter --net`) sets the
 //! hostname, bind-mounts the node's own folders over the paths a DaemonSet's hostPath volumes
 //! use (/etc/cni/net.d, /opt/cni/bin, /var/lib/cni, /run/weft, /var/lib/weft, /var/log/pods,
-//! /var/log/containers, /var/lib/kubelet, and /run/containerd for shim sockets), and shows
+//! /var/log/containers, /var/lib/kubelet, /run/wireguard, and /run/containerd for shim
+//! sockets), and shows
 //! kubelet the kernel
 //! tunables it wants (files over /proc/sys/...: otherwise each kubelet rewrites the host's
 //! vm.overcommit_memory, kernel.panic and kernel.panic_on_oops), then sleeps. Every daemon
@@ -24,7 +25,7 @@ use super::{cgroup, wait_for_line, SWITCH_GATEWAY};
 use crate::{netns, procs};
 
 /// A node's folder (under its home) and where the node sees it.
-pub const BINDS: [(&str, &str); 9] = [
+pub const BINDS: [(&str, &str); 10] = [
     // kubelet keeps a few fixed paths here whatever its --root-dir (the device-plugin socket,
     // the default --cert-dir): the whole folder is the node's own.
     ("var-lib-kubelet", "/var/lib/kubelet"),
@@ -36,6 +37,8 @@ pub const BINDS: [(&str, &str); 9] = [
     ("var-log-pods", "/var/log/pods"),
     ("var-log-containers", "/var/log/containers"),
     ("run-containerd", "/run/containerd"),
+    // wireguard-go's UAPI sockets (/var/run is /run): weft-wireguard and the router share them.
+    ("run-wireguard", "/run/wireguard"),
 ];
 
 /// The values kubelet's container manager insists on (it writes them when they differ).
