@@ -235,7 +235,8 @@ impl Sim {
                 continue;
             }
             let receiver = self.peers[to].node.me().clone();
-            let (changed, reply) =
+            let writes = self.peers[to].node.writes();
+            let (_, reply) =
                 self.peers[to]
                     .node
                     .handle(sender, msg)
@@ -244,7 +245,8 @@ impl Sim {
                         from: sender.clone(),
                         source,
                     })?;
-            if changed && matches!(msg, Message::SpaceRequest) {
+            // A grant, or ranges granted to a peer this one reclaimed, taken over as they come.
+            if self.peers[to].node.writes() != writes {
                 self.last_mutation = self.round;
             }
             for reply in reply {
@@ -265,9 +267,9 @@ impl Sim {
             .filter(|&i| self.peers[i].live)
             .collect();
         for &i in &live {
-            let before = self.peers[i].node.ring().fingerprint();
+            let writes = self.peers[i].node.writes();
             let msg = self.peers[i].node.gossip();
-            if self.peers[i].node.ring().fingerprint() != before {
+            if self.peers[i].node.writes() != writes {
                 self.last_mutation = self.round;
             }
             let targets: Vec<usize> = live

@@ -1,5 +1,6 @@
 //! The node's WireGuard interface. Kernel WireGuard where the kernel has it; otherwise an
-//! in-process userspace implementation (boringtun, through defguard_wireguard_rs). Either way
+//! external wireguard-go (ours, or one the weft-wireguard DaemonSet runs), else an in-process
+//! userspace implementation (boringtun, through defguard_wireguard_rs). Either way
 //! `wg show <iface>` shows the true state: the userspace one answers on
 //! `/var/run/wireguard/<iface>.sock`.
 //!
@@ -394,9 +395,9 @@ fn to_peer(p: &WgPeer) -> Result<Peer> {
 }
 
 impl Device {
-    /// Creates the interface `name` with our key, port and mesh addresses (each a /128 or /32:
-    /// IPv6 unless the node has it disabled, IPv4), using the kernel when it can
-    /// (`prefer_kernel`) and userspace otherwise.
+    /// Creates (or adopts) the interface `name` with our key, port and mesh addresses (each a
+    /// /128 or /32: IPv6 unless the node has it disabled, IPv4), on the backend [`pick`] gives
+    /// for `choice` on this host.
     pub async fn open(
         name: &str,
         private_key: &str,
