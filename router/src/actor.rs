@@ -882,8 +882,9 @@ impl Actor {
                 409,
                 format!(
                     "{node} is alive (gossip heard {}, last WireGuard handshake {}): stop its \
-                     router for good first; rmpeer is for nodes that are gone and will not come \
-                     back with their state",
+                     router and its WireGuard (a wireguard-go outlives the router) for good \
+                     first; rmpeer is for nodes that are gone and will not come back with their \
+                     state",
                     heard.map_or("not recently".into(), |d| format!("{}s ago", d.as_secs())),
                     shaken.map_or("not recently".into(), |s| format!("{s}s ago")),
                 ),
