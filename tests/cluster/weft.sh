@@ -144,7 +144,7 @@ for p in $(k -n weft get pods -l app.kubernetes.io/name=weft -o name); do
 done
 
 # ---- trust, enforced by the API server: node1's router token writes only MeshPeer node1 ---------
-w1=$(k -n weft get pods --field-selector spec.nodeName=node1 -o jsonpath='{.items[0].metadata.name}')
+w1=$(k -n weft get pods -l app.kubernetes.io/name=weft --field-selector spec.nodeName=node1 -o jsonpath='{.items[0].metadata.name}')
 token=$(k -n weft exec "$w1" -- cat /var/run/secrets/kubernetes.io/serviceaccount/token)
 server=$(k config view --minify -o jsonpath='{.clusters[0].cluster.server}')
 as_node1() { env -u KUBECONFIG "$kubectl" --server="$server" --insecure-skip-tls-verify=true --token="$token" "$@"; }
