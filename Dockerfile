@@ -21,7 +21,7 @@ RUN cargo build --release --locked -p weft-router -p weft-cni
 
 # The external WireGuard for nodes without the kernel module (`--wireguard auto` picks it
 # there, before in-process boringtun): wireguard-go from its Go module, not Debian 12's 2022
-# package, which predates its TUN offloads and batched UDP (0.7 vs 3.3 Gbit/s here: README,
+# package, which predates its TUN offloads and batched UDP (1.0 vs 3.2 Gbit/s here: README,
 # "Throughput"). tests/wireguard-go.sh builds this same pin for the tests and images.sh (which
 # swaps this stage for a folder holding out/wireguard-go, like the `build` stage).
 FROM golang:1-bookworm AS wireguard-go

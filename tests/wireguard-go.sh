@@ -5,7 +5,7 @@
 #   export WEFT_WIREGUARD_GO=$(bash tests/wireguard-go.sh)    # weft-router's --wireguard-go
 #
 # Why not Debian 12's package: its 0.0.20220316 predates wireguard-go's TUN offloads (GSO/GRO)
-# and batched UDP I/O; here it carries 0.7 Gbit/s where the pinned one carries 3.3 (README,
+# and batched UDP I/O; here it carries 1.0 Gbit/s where the pinned one carries 3.2 (README,
 # "Throughput"). The image ships the same pin (the Dockerfile's wireguard-go stage).
 #
 # Cache: ${WEFT_CACHE:-$HOME/.cache/weft}/wireguard-go/<version>/wireguard-go (about 10 s to

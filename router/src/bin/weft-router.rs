@@ -113,7 +113,7 @@ struct Args {
     #[arg(long, env = "WEFT_WIREGUARD", default_value = "auto")]
     wireguard: router::wg::Choice,
     /// The external WireGuard program: a path, or a name looked up in PATH. The image ships a
-    /// current wireguard-go (TUN offloads and batched UDP: about 5x Debian 12's 2022 one).
+    /// current wireguard-go (TUN offloads and batched UDP: about 3x Debian 12's 2022 one).
     #[arg(long, env = "WEFT_WIREGUARD_GO", default_value = router::wg::EXTERNAL_PROGRAM)]
     wireguard_go: String,
     /// Seconds to wait for a wireguard-go that another process runs for the interface before
