@@ -412,14 +412,17 @@ impl Device {
             Choice::External | Choice::Userspace => false,
         };
         let program = external.find();
-        let backend = pick(choice, kernel, program.is_some()).map_err(|reason| Error::Net {
-            what: format!("creating kernel WireGuard interface {name}"),
-            reason,
-        })?;
+        // A wireguard-go already serving the interface counts even where we have no program.
+        let running = !kernel && answers_within(name, std::time::Duration::ZERO).await;
+        let backend =
+            pick(choice, kernel, program.is_some() || running).map_err(|reason| Error::Net {
+                what: format!("creating kernel WireGuard interface {name}"),
+                reason,
+            })?;
         let adopted = match backend {
             Backend::Kernel => link_exists(name).await?,
             Backend::External => {
-                let mut alive = answers_within(name, std::time::Duration::ZERO).await;
+                let mut alive = running;
                 if !alive && !external.wait.is_zero() {
                     info!(
                         interface = name,
