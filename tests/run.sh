@@ -47,6 +47,9 @@ unit_tests() {
 	cargo test --release -p weft-ipam --test sim -- --nocapture
 	cargo test --release -p weft-cni --test fuzz -- --nocapture
 	cargo test --release -p weft-tests --lib --bins
+	# The patched boringtun of in-process WireGuard (third_party/README.md): its own tests.
+	CARGO_TARGET_DIR="$PWD/target" cargo test --release --locked --features device --lib \
+		--manifest-path third_party/defguard_boringtun/Cargo.toml
 }
 
 kube_tier() {
