@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::check;
-use crate::hand_built;
+use crate::hand_built::{self, Tunnel, Underlay};
 use crate::lab::Lab;
 use crate::netns;
 use router::wg::External;
@@ -84,37 +84,90 @@ pub fn wireguard_go_version(program: &Path) -> String {
         .unwrap_or_else(|| program.display().to_string())
 }
 
-/// Gbit/s per round of each path measured, in the order first measured.
-pub type Runs = Vec<(String, Vec<f64>)>;
+/// What a measured path is to the ratio.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// weft pod to pod.
+    Weft,
+    /// A hand-built tunnel on the lab's switch, the underlay weft's nodes have.
+    Reference,
+    /// Shown, not compared: a hand-built tunnel on one veth (what the switch costs).
+    Underlay,
+}
 
-fn record(runs: &mut Runs, name: &str, gbps: f64) {
-    match runs.iter_mut().find(|(n, _)| n == name) {
-        Some((_, v)) => v.push(gbps),
-        None => runs.push((name.to_string(), vec![gbps])),
+/// One path: Gbit/s per round.
+#[derive(Debug)]
+pub struct Run {
+    pub name: String,
+    pub kind: Kind,
+    pub gbps: Vec<f64>,
+}
+
+/// Every path measured, in the order first measured.
+pub type Runs = Vec<Run>;
+
+fn record(runs: &mut Runs, name: &str, kind: Kind, gbps: f64) {
+    match runs.iter_mut().find(|r| r.name == name) {
+        Some(r) => r.gbps.push(gbps),
+        None => runs.push(Run {
+            name: name.to_string(),
+            kind,
+            gbps: vec![gbps],
+        }),
     }
 }
 
+/// weft's best path over the best reference (medians).
+pub fn ratio(runs: &Runs) -> f64 {
+    let best = |kind: Kind| {
+        runs.iter()
+            .filter(|r| r.kind == kind)
+            .map(|r| median(&r.gbps))
+            .fold(0.0, f64::max)
+    };
+    best(Kind::Weft) / best(Kind::Reference)
+}
+
+/// The hand-built tunnels, set up on `lab`'s switch: every wireguard-go here and weft's
+/// in-process boringtun; and the first wireguard-go once more on one veth.
+fn references(lab: &Lab, prefix: &str, programs: &[PathBuf]) -> Result<Vec<(Kind, Tunnel)>> {
+    let sw = format!("{}-sw", lab.prefix);
+    let mut out = Vec::new();
+    // Underlay addresses from .201 up, two per tunnel: clear of the lab's nodes (.11 up).
+    let on = |k: usize| Underlay::Switch {
+        netns: &sw,
+        host: 201 + 2 * k as u8,
+    };
+    for (k, program) in programs.iter().enumerate() {
+        let name = format!("hand-built {} tunnel", wireguard_go_version(program));
+        let t = hand_built::wireguard_go(program, name, &format!("{prefix}g{k}"), 1440, on(k))?;
+        out.push((Kind::Reference, t));
+    }
+    let name = "hand-built boringtun tunnel".to_string();
+    let k = programs.len();
+    let t = hand_built::in_process(name, &format!("{prefix}h"), 1440, on(k))?;
+    out.push((Kind::Reference, t));
+    if let Some(program) = programs.first() {
+        let name = format!(
+            "hand-built {} tunnel on one veth, no switch (not compared)",
+            wireguard_go_version(program)
+        );
+        let t =
+            hand_built::wireguard_go(program, name, &format!("{prefix}v"), 1440, Underlay::Veth)?;
+        out.push((Kind::Underlay, t));
+    }
+    Ok(out)
+}
+
 /// weft pod to pod across two lab nodes, on each userspace backend in turn, and hand-built
-/// tunnels of the same implementations (every wireguard-go here, and weft's in-process
-/// boringtun): `rounds` rounds taking turns, so a slow spell of the machine hits every path
-/// alike. Names of weft's paths start with "weft".
+/// tunnels of the same implementations on the same switch (every wireguard-go here, and weft's
+/// in-process boringtun): `rounds` rounds taking turns, so a slow spell of the machine hits
+/// every path alike.
 pub fn throughput(dir: &Path, prefix: &str, secs: u32, rounds: usize) -> Result<Runs> {
     let programs = wireguard_go_programs();
     let Some(routers) = programs.first() else {
         bail!("no wireguard-go (set WEFT_WIREGUARD_GO=$(bash tests/wireguard-go.sh))");
     };
-    let mut refs = Vec::new();
-    for (k, program) in programs.iter().enumerate() {
-        let name = format!("hand-built {} tunnel", wireguard_go_version(program));
-        let tag = format!("{prefix}g{k}");
-        refs.push(hand_built::wireguard_go(program, name, &tag, 1440)?);
-    }
-    let tag = format!("{prefix}h");
-    refs.push(hand_built::in_process(
-        "hand-built boringtun tunnel".into(),
-        &tag,
-        1440,
-    )?);
     let external = format!("external WireGuard ({})", wireguard_go_version(routers));
     let routers = routers.to_string_lossy().into_owned();
     let mut runs = Runs::new();
@@ -127,13 +180,19 @@ pub fn throughput(dir: &Path, prefix: &str, secs: u32, rounds: usize) -> Result<
             let env = [("WEFT_WIREGUARD", backend), ("WEFT_WIREGUARD_GO", &routers)];
             let lab = Lab::up_with_env(dir, prefix, 2, 1, "dir", &env)?;
             check::converge(&lab, Duration::from_secs(20))?;
+            let refs = references(&lab, prefix, &programs)?;
             let (a, b) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
             for _ in 0..rounds {
-                record(&mut runs, &name, iperf(&b.netns, &a.netns, &b.ip, secs)?);
-                for t in &refs {
+                record(
+                    &mut runs,
+                    &name,
+                    Kind::Weft,
+                    iperf(&b.netns, &a.netns, &b.ip, secs)?,
+                );
+                for (kind, t) in &refs {
                     let gbps = iperf(&t.server, &t.client, &t.server_ip, secs)
                         .with_context(|| t.name.clone())?;
-                    record(&mut runs, &t.name, gbps);
+                    record(&mut runs, &t.name, *kind, gbps);
                 }
             }
             Ok(())
@@ -142,8 +201,8 @@ pub fn throughput(dir: &Path, prefix: &str, secs: u32, rounds: usize) -> Result<
         result.with_context(|| name.clone())?;
         cleanup?;
     }
-    if let Some((name, _)) = runs.iter().find(|(_, v)| v.iter().any(|g| *g <= 0.0)) {
-        bail!("{name} carried nothing");
+    if let Some(r) = runs.iter().find(|r| r.gbps.iter().any(|g| *g <= 0.0)) {
+        bail!("{} carried nothing", r.name);
     }
     Ok(runs)
 }

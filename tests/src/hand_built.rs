@@ -1,7 +1,8 @@
 //! Hand-built WireGuard tunnels, the references of `weft-lab bench throughput`: two fresh
-//! namespaces on one veth, a WireGuard interface in each (same MTU as weft's), a /32 route to
-//! the other end; no bridge, no pod veth, no router. A tunnel stays up while its value lives,
-//! so the bench can take turns between it and weft's path.
+//! namespaces, a WireGuard interface in each (same MTU as weft's), a /32 route to the other end;
+//! no pod veth, no pod bridge, no router. Their underlay is the lab's switch, as weft's nodes'
+//! is (or, to show what the switch costs, one veth between them). A tunnel stays up while its
+//! value lives, so the bench can take turns between it and weft's path.
 
 use std::os::fd::AsFd;
 use std::path::Path;
@@ -21,6 +22,8 @@ pub struct Tunnel {
     pub server: String,
     pub server_ip: String,
     namespaces: Vec<String>,
+    /// The ends' underlay addresses: the WireGuard endpoints.
+    underlay_ips: [String; 2],
     /// In-process devices: dropping the sender stops their threads, which drop the devices.
     stop: Option<mpsc::Sender<()>>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -39,30 +42,56 @@ impl Drop for Tunnel {
     }
 }
 
-/// Namespaces `<tag>a` and `<tag>b` on one veth (eth0 10.98.7.1 and .2); the tunnel's ends
-/// get 10.97.0.1 and .2.
-fn underlay(tag: &str, name: String) -> Result<Tunnel> {
+/// What carries a tunnel's UDP between its two namespaces.
+#[derive(Debug, Clone, Copy)]
+pub enum Underlay<'a> {
+    /// One veth between them (eth0 10.98.7.1 and .2).
+    Veth,
+    /// The lab's switch (`netns`: its namespace, bridge sw0, 10.99.0.0/24), like two lab
+    /// nodes: eth0 10.99.0.`host` and `host` + 1.
+    Switch { netns: &'a str, host: u8 },
+}
+
+/// Namespaces `<tag>a` and `<tag>b` on `on`; the tunnel's ends get 10.97.0.1 and .2.
+fn underlay(tag: &str, name: String, on: Underlay) -> Result<Tunnel> {
     let (a, b) = (format!("{tag}a"), format!("{tag}b"));
     for ns in [&a, &b] {
         netns::kill_all(ns);
         let _ = netns::delete(ns);
     }
+    let underlay_ips = match on {
+        Underlay::Veth => ["10.98.7.1".to_string(), "10.98.7.2".to_string()],
+        Underlay::Switch { host, .. } => [0, 1].map(|i| format!("10.99.0.{}", host + i)),
+    };
     let tunnel = Tunnel {
         name,
         client: a.clone(),
         server: b.clone(),
         server_ip: "10.97.0.2".into(),
         namespaces: vec![a.clone(), b.clone()],
+        underlay_ips,
         stop: None,
         threads: Vec::new(),
     };
     netns::add(&a)?;
     netns::add(&b)?;
-    netns::ip(&[
-        "-n", &a, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &b,
-    ])?;
+    match on {
+        Underlay::Veth => netns::ip(&[
+            "-n", &a, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &b,
+        ])?,
+        // The switch's port is named for the namespace: unique per tunnel end.
+        Underlay::Switch { netns: sw, .. } => {
+            for ns in [&a, &b] {
+                netns::ip(&[
+                    "-n", sw, "link", "add", ns, "type", "veth", "peer", "name", "eth0", "netns",
+                    ns,
+                ])?;
+                netns::ip(&["-n", sw, "link", "set", ns, "master", "sw0", "up"])?;
+            }
+        }
+    }
     for (i, ns) in [&a, &b].into_iter().enumerate() {
-        let addr = format!("10.98.7.{}/24", i + 1);
+        let addr = format!("{}/24", tunnel.underlay_ips[i]);
         netns::ip(&["-n", ns, "addr", "add", &addr, "dev", "eth0"])?;
         netns::ip(&["-n", ns, "link", "set", "eth0", "up"])?;
     }
@@ -90,8 +119,14 @@ fn address_and_route(ns: &str, ifname: &str, i: usize, mtu: u32) -> Result<()> {
 }
 
 /// A tunnel of `program` (a wireguard-go), set up with `wg` and `ip` as an administrator would.
-pub fn wireguard_go(program: &Path, name: String, tag: &str, mtu: u32) -> Result<Tunnel> {
-    let t = underlay(tag, name)?;
+pub fn wireguard_go(
+    program: &Path,
+    name: String,
+    tag: &str,
+    mtu: u32,
+    on: Underlay,
+) -> Result<Tunnel> {
+    let t = underlay(tag, name, on)?;
     let program = program.to_string_lossy();
     let keydir = std::env::temp_dir().join(format!("{tag}-keys"));
     std::fs::create_dir_all(&keydir)?;
@@ -126,7 +161,7 @@ pub fn wireguard_go(program: &Path, name: String, tag: &str, mtu: u32) -> Result
                 "peer",
                 &keys[1 - i].1,
                 "endpoint",
-                &format!("10.98.7.{}:51820", 2 - i),
+                &format!("{}:51820", t.underlay_ips[1 - i]),
                 "allowed-ips",
                 &format!("10.97.0.{}/32", 2 - i),
             ],
@@ -139,11 +174,11 @@ pub fn wireguard_go(program: &Path, name: String, tag: &str, mtu: u32) -> Result
 
 /// A tunnel of weft's in-process userspace WireGuard (its [`router::wg::Device`], boringtun),
 /// each end a thread of this process in its namespace.
-pub fn in_process(name: String, tag: &str, mtu: u32) -> Result<Tunnel> {
+pub fn in_process(name: String, tag: &str, mtu: u32, on: Underlay) -> Result<Tunnel> {
     use router::keys::Identity;
     use router::plan::{Change, WgPeer};
     use router::wg::Device;
-    let mut t = underlay(tag, name)?;
+    let mut t = underlay(tag, name, on)?;
     let keydir = std::env::temp_dir().join(format!("{tag}-keys"));
     let _ = std::fs::remove_dir_all(&keydir);
     let ids = [
@@ -160,7 +195,7 @@ pub fn in_process(name: String, tag: &str, mtu: u32) -> Result<Tunnel> {
         let (key, mesh) = (me.private_base64(), me.mesh_address());
         let peer = WgPeer {
             public_key: other.public_base64(),
-            endpoint: Some(format!("10.98.7.{}:51820", 2 - i).parse()?),
+            endpoint: Some(format!("{}:51820", t.underlay_ips[1 - i]).parse()?),
             allowed_ips: vec![format!("10.97.0.{}/32", 2 - i)],
             keepalive: None,
         };

@@ -158,8 +158,8 @@ enum BenchCmd {
         joins: usize,
     },
     /// iperf3 pod to pod across two nodes (external and in-process WireGuard) vs hand-built
-    /// wireguard-go and boringtun tunnels; ends with `ratio throughput=<best weft / best
-    /// hand-built>`.
+    /// wireguard-go and boringtun tunnels on the same switch; ends with `ratio
+    /// throughput=<best weft / best hand-built>`.
     Throughput {
         /// Seconds per iperf3 run.
         #[arg(long, default_value_t = 5)]
@@ -418,23 +418,22 @@ async fn main() -> Result<()> {
                 seconds,
                 rounds,
             )?;
-            for (name, v) in &runs {
-                let (lo, hi) = v
+            for r in &runs {
+                let (lo, hi) = r
+                    .gbps
                     .iter()
                     .fold((f64::MAX, 0.0f64), |(l, h), g| (l.min(*g), h.max(*g)));
                 println!(
-                    "{name}: {:.3} Gbit/s (median of {}, {lo:.3}-{hi:.3})",
-                    median(v),
-                    v.len()
+                    "{}: {:.3} Gbit/s (median of {}, {lo:.3}-{hi:.3})",
+                    r.name,
+                    median(&r.gbps),
+                    r.gbps.len()
                 );
             }
-            let best = |weft: bool| {
-                runs.iter()
-                    .filter(|(n, _)| n.starts_with("weft") == weft)
-                    .map(|(_, v)| median(v))
-                    .fold(0.0, f64::max)
-            };
-            println!("ratio throughput={:.2}", best(true) / best(false));
+            println!(
+                "ratio throughput={:.2}",
+                weft_tests::bench_mesh::ratio(&runs)
+            );
         }
         Top::KubeForward { netns, port } => weft_tests::forward::run(&netns, port)?,
         Top::ClusterEgress { socket } => weft_tests::cluster::egress::run(&socket)?,
