@@ -12,6 +12,7 @@ use crate::check;
 use crate::hand_built::{self, Tunnel, Underlay};
 use crate::lab::Lab;
 use crate::netns;
+use crate::usage;
 use router::wg::External;
 
 /// Join `joins` nodes one after the other into a 2-node lab; returns each join's time.
@@ -217,4 +218,73 @@ pub fn median(v: &[f64]) -> f64 {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
+}
+
+/// What idle costs on one backend: means over the nodes.
+#[derive(Debug)]
+pub struct Idle {
+    pub backend: String,
+    pub router_rss_mib: f64,
+    /// CPU seconds per minute.
+    pub router_cpu: f64,
+    /// wireguard-go's, with the external backend.
+    pub wireguard_go: Option<(f64, f64)>,
+}
+
+/// A lab of `nodes` nodes with a pod each, on each userspace backend in turn: after `settle`,
+/// each router's (and wireguard-go's) CPU over `window` and RSS at its end.
+pub fn idle(
+    dir: &Path,
+    prefix: &str,
+    nodes: usize,
+    settle: Duration,
+    window: Duration,
+) -> Result<Vec<Idle>> {
+    let mut out = Vec::new();
+    for backend in ["external", "userspace"] {
+        let result = (|| -> Result<Idle> {
+            let lab =
+                Lab::up_with_env(dir, prefix, nodes, 1, "dir", &[("WEFT_WIREGUARD", backend)])?;
+            check::converge(&lab, Duration::from_secs(20))?;
+            std::thread::sleep(settle);
+            let mut pids = Vec::new();
+            for (n, node) in lab.nodes.iter().enumerate() {
+                let wg = node
+                    .wg_interface
+                    .as_deref()
+                    .and_then(usage::wireguard_go_pid);
+                if backend == "external" && wg.is_none() {
+                    bail!("no wireguard-go serves {}'s interface", node.name);
+                }
+                pids.push((usage::router_pid(&lab, n)?, wg));
+            }
+            let cpu = |pid: u32| usage::cpu_ms(pid);
+            let before = pids
+                .iter()
+                .map(|(r, w)| Ok((cpu(*r)?, w.map(cpu).transpose()?)))
+                .collect::<Result<Vec<_>>>()?;
+            std::thread::sleep(window);
+            let per_min = 60.0 / window.as_secs_f64() / 1000.0;
+            let (mut router, mut wg) = ((0.0, 0.0), (0.0, 0.0));
+            for ((r, w), (r0, w0)) in pids.iter().zip(before) {
+                router.0 += usage::rss_mib(*r)?;
+                router.1 += (cpu(*r)? - r0) * per_min;
+                if let (Some(w), Some(w0)) = (w, w0) {
+                    wg.0 += usage::rss_mib(*w)?;
+                    wg.1 += (cpu(*w)? - w0) * per_min;
+                }
+            }
+            let n = nodes as f64;
+            Ok(Idle {
+                backend: backend.to_string(),
+                router_rss_mib: router.0 / n,
+                router_cpu: router.1 / n,
+                wireguard_go: (backend == "external").then(|| (wg.0 / n, wg.1 / n)),
+            })
+        })();
+        let cleanup = Lab::down(dir, prefix);
+        out.push(result.with_context(|| format!("idle lab, {backend} WireGuard"))?);
+        cleanup?;
+    }
+    Ok(out)
 }

@@ -16,6 +16,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use router::meshpeer::{Endpoint, EndpointKind, MeshPeer, MeshPeerSpec};
 
 use crate::lab::Lab;
+use crate::usage;
 
 #[derive(Debug)]
 pub struct Scale {
@@ -52,40 +53,6 @@ fn fake_peer(i: usize) -> (String, MeshPeerSpec) {
         format!("scale{i:05}"),
         MeshPeerSpec::new(&b64, vec![ep], &mesh),
     )
-}
-
-/// CPU time of all of `pid`'s threads in milliseconds (scheduler statistics: nanoseconds,
-/// where utime and stime count 10 ms ticks — too coarse for a few ms per change).
-fn cpu_ms(pid: u32) -> Result<f64> {
-    let mut ns = 0u64;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let stat = std::fs::read_to_string(task?.path().join("schedstat")).unwrap_or_default();
-        ns += stat
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-    }
-    Ok(ns as f64 / 1e6)
-}
-
-fn rss_mib(pid: u32) -> Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("no VmRSS")?;
-    Ok(kb / 1024.0)
-}
-
-fn router_pid(lab: &Lab) -> Result<u32> {
-    let text = std::fs::read_to_string(lab.dir.join("node1/router.pid"))?;
-    text.split_whitespace()
-        .next()
-        .and_then(|p| p.parse().ok())
-        .context("router.pid")
 }
 
 /// Peers on node1's WireGuard device.
@@ -173,19 +140,9 @@ fn watch_changes(env: &crate::kube_env::KubeEnv, seen: Seen) -> Result<()> {
     Ok(())
 }
 
-/// The RSS of the wireguard-go process serving `interface`, if one runs.
-fn wireguard_go_rss(interface: &str) -> Option<f64> {
-    let out = std::process::Command::new("pgrep")
-        .args(["-f", &format!("wireguard-go.* {interface}$")])
-        .output()
-        .ok()?;
-    let pid = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()?
-        .trim()
-        .parse()
-        .ok()?;
-    rss_mib(pid).ok()
+/// From `sent` to `at` (zero if `at` came first: clocks of one machine, µs apart).
+fn between(sent: Timestamp, at: Timestamp) -> Duration {
+    Duration::from_micros((at.as_microsecond() - sent.as_microsecond()).max(0) as u64)
 }
 
 /// Patches `name`'s endpoint and waits for the router's log line that sets it on the device:
@@ -262,7 +219,7 @@ fn measure(lab: &Lab, peers: usize, changes: usize, backend: &str) -> Result<Sca
     wait_all("after a restart")?;
     let full_reconcile = start.elapsed();
     std::thread::sleep(Duration::from_secs(3));
-    let pid = router_pid(lab)?;
+    let pid = usage::router_pid(lab, 0)?;
     let log = lab.dir.join("node1/router.log");
     let seen = Seen::default();
     watch_changes(&env, seen.clone())?;
@@ -276,14 +233,14 @@ fn measure(lab: &Lab, peers: usize, changes: usize, backend: &str) -> Result<Sca
     // Idle CPU over the time the changes will take, for the baseline.
     let gap = Duration::from_millis(300);
     let idle_window = gap * changes as u32;
-    let c0 = cpu_ms(pid)?;
+    let c0 = usage::cpu_ms(pid)?;
     std::thread::sleep(idle_window);
-    let idle = cpu_ms(pid)? - c0;
+    let idle = usage::cpu_ms(pid)? - c0;
     // One change untimed: the first write after seconds of quiet takes the API server tens of
     // ms longer to send to its watchers (the bench's own watch sees it as late), whatever the
     // router does.
     change(&rt, &api, &log, &specs[0], "10.202.0.1:51820").context("the warm-up change")?;
-    let c1 = cpu_ms(pid)?;
+    let c1 = usage::cpu_ms(pid)?;
     let busy_start = Instant::now();
     let mut latencies = Vec::new();
     let mut sent_changes = Vec::new();
@@ -294,16 +251,13 @@ fn measure(lab: &Lab, peers: usize, changes: usize, backend: &str) -> Result<Sca
         let endpoint = format!("10.201.{}.{}:51820", c / 250, c % 250 + 1);
         let (sent, at) =
             change(&rt, &api, &log, peer, &endpoint).with_context(|| format!("change {c}"))?;
-        let since = |t: Timestamp| {
-            Duration::from_micros((t.as_microsecond() - sent.as_microsecond()).max(0) as u64)
-        };
-        latencies.push(since(at));
-        slowest.push((since(at), name.clone(), sent));
+        latencies.push(between(sent, at));
+        slowest.push((between(sent, at), name.clone(), sent));
         sent_changes.push((name.clone(), endpoint, sent));
         let next = busy_start + gap * (c as u32 + 1);
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
     }
-    let busy = cpu_ms(pid)? - c1;
+    let busy = usage::cpu_ms(pid)? - c1;
     // The router can apply a change before the bench's own watch has read it: look its times
     // up once it has had a moment.
     std::thread::sleep(Duration::from_secs(1));
@@ -313,12 +267,7 @@ fn measure(lab: &Lab, peers: usize, changes: usize, backend: &str) -> Result<Sca
             .map_err(|_| anyhow::anyhow!("the watch's times"))?;
         sent_changes
             .into_iter()
-            .filter_map(|(name, endpoint, sent)| {
-                let at = seen.get(&(name, endpoint))?;
-                Some(Duration::from_micros(
-                    (at.as_microsecond() - sent.as_microsecond()).max(0) as u64,
-                ))
-            })
+            .filter_map(|(name, endpoint, sent)| Some(between(sent, *seen.get(&(name, endpoint))?)))
             .collect()
     };
     anyhow::ensure!(
@@ -342,11 +291,12 @@ fn measure(lab: &Lab, peers: usize, changes: usize, backend: &str) -> Result<Sca
         wg_rss_mib: lab.nodes[0]
             .wg_interface
             .as_deref()
-            .and_then(wireguard_go_rss),
+            .and_then(usage::wireguard_go_pid)
+            .and_then(|pid| usage::rss_mib(pid).ok()),
         cpu_per_change_ms: ((busy - idle) / changes as f64).max(0.0),
         busy_ms: busy,
         idle_ms: idle,
-        rss_mib: rss_mib(pid)?,
+        rss_mib: usage::rss_mib(pid)?,
         slowest,
     })
 }

@@ -17,3 +17,4 @@ mod pki;
 pub mod prereq;
 pub mod procs;
 pub mod sites;
+pub mod usage;

@@ -152,6 +152,15 @@ enum Top {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// What idle routers cost on a lab (a pod per node), per userspace backend: RSS and CPU
+    /// per minute, means over the nodes; wireguard-go's apart.
+    Idle {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Seconds measured, after 10 s of settling.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// New node's router start to all-pairs pod ping including it; p50 over N joins.
     Join {
         #[arg(long, default_value_t = 5)]
@@ -394,6 +403,24 @@ async fn main() -> Result<()> {
                 s.rss_mib,
                 s.backend
             );
+        }
+        Top::Bench(BenchCmd::Idle { nodes, seconds }) => {
+            let runs = weft_tests::bench_mesh::idle(
+                &cli.dir.join("bench"),
+                &format!("{}i", cli.prefix),
+                nodes,
+                std::time::Duration::from_secs(10),
+                std::time::Duration::from_secs(seconds),
+            )?;
+            for r in &runs {
+                let wg = r.wireguard_go.map_or(String::new(), |(rss, cpu)| {
+                    format!("; wireguard-go {rss:.1} MiB, {cpu:.2} s CPU per minute")
+                });
+                println!(
+                    "idle, {} WireGuard, {nodes} nodes, {seconds} s: router {:.1} MiB, {:.2} s CPU per minute{wg}",
+                    r.backend, r.router_rss_mib, r.router_cpu
+                );
+            }
         }
         Top::Bench(BenchCmd::Join { joins }) => {
             let mut times = weft_tests::bench_mesh::join(
