@@ -288,3 +288,28 @@ pub fn idle(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ratio_is_best_weft_over_best_reference_and_ignores_the_underlay_run() {
+        let mut runs = Runs::new();
+        for (name, kind, g) in [
+            ("weft external", Kind::Weft, [2.9, 3.0, 2.8]),
+            ("weft in-process", Kind::Weft, [0.6, 0.7, 0.6]),
+            ("hand-built a", Kind::Reference, [3.0, 3.2, 3.1]),
+            ("hand-built b", Kind::Reference, [0.9, 0.9, 1.0]),
+            ("hand-built on one veth", Kind::Underlay, [9.0, 9.0, 9.0]),
+        ] {
+            for gbps in g {
+                record(&mut runs, name, kind, gbps);
+            }
+        }
+        assert_eq!(runs.len(), 5);
+        assert_eq!(runs[0].gbps, [2.9, 3.0, 2.8]);
+        // Medians: weft 2.9, best reference 3.1; the underlay run is not a reference.
+        assert!((ratio(&runs) - 2.9 / 3.1).abs() < 1e-9, "{}", ratio(&runs));
+    }
+}
