@@ -227,7 +227,7 @@ pub struct Idle {
     pub router_rss_mib: f64,
     /// CPU seconds per minute.
     pub router_cpu: f64,
-    /// wireguard-go's, with the external backend.
+    /// wireguard-go's RSS (MiB) and CPU seconds per minute, with the external backend.
     pub wireguard_go: Option<(f64, f64)>,
 }
 
@@ -258,7 +258,7 @@ pub fn idle(
                 }
                 pids.push((usage::router_pid(&lab, n)?, wg));
             }
-            let cpu = |pid: u32| usage::cpu_ms(pid);
+            let cpu = usage::cpu_ms;
             let before = pids
                 .iter()
                 .map(|(r, w)| Ok((cpu(*r)?, w.map(cpu).transpose()?)))
