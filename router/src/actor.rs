@@ -482,7 +482,10 @@ impl Actor {
             },
             (None, None) => {}
         }
-        if let Some(mesh) = &mut self.mesh {
+        // Not before the peer store has listed the MeshPeers once: the plan knows no peer until
+        // then, and a reconcile would remove every peer of an interface the last router left
+        // (their sessions with them: pods' packets dropped until the next handshake).
+        if let Some(mesh) = self.mesh.as_mut().filter(|_| self.peers_synced) {
             let t0 = std::time::Instant::now();
             if let Err(e) = mesh.reconcile(self.node.ring()) {
                 warn!("reconciling WireGuard peers: {e}");
@@ -650,7 +653,8 @@ impl Actor {
         if self.started.elapsed().as_secs() % 5 == 0 {
             self.sync_mtu(None, true).await;
         }
-        if let Some(mesh) = self.mesh.as_mut().filter(|m| m.resync_due()) {
+        let synced = self.peers_synced;
+        if let Some(mesh) = self.mesh.as_mut().filter(|m| synced && m.resync_due()) {
             if let Err(e) = mesh.resync(self.node.ring()) {
                 warn!("reading and reconciling the WireGuard device: {e}");
             }

@@ -135,6 +135,11 @@ fn references(lab: &Lab, prefix: &str, programs: &[PathBuf]) -> Result<Vec<(Kind
     let sw = format!("{}-sw", lab.prefix);
     let mut out = Vec::new();
     // Underlay addresses from .201 up, two per tunnel: clear of the lab's nodes (.11 up).
+    anyhow::ensure!(
+        programs.len() < 26,
+        "{} wireguard-go programs: more tunnels than addresses .201-.254",
+        programs.len()
+    );
     let on = |k: usize| Underlay::Switch {
         netns: &sw,
         host: 201 + 2 * k as u8,
@@ -223,6 +228,7 @@ pub fn median(v: &[f64]) -> f64 {
 /// What idle costs on one backend: means over the nodes.
 #[derive(Debug)]
 pub struct Idle {
+    /// `external (wireguard-go v0.0.20250522)`, `userspace`.
     pub backend: String,
     pub router_rss_mib: f64,
     /// CPU seconds per minute.
@@ -240,11 +246,17 @@ pub fn idle(
     settle: Duration,
     window: Duration,
 ) -> Result<Vec<Idle>> {
+    let programs = wireguard_go_programs();
+    let Some(program) = programs.first() else {
+        bail!("no wireguard-go (set WEFT_WIREGUARD_GO=$(bash tests/wireguard-go.sh))");
+    };
+    let version = wireguard_go_version(program);
+    let program = program.to_string_lossy().into_owned();
     let mut out = Vec::new();
     for backend in ["external", "userspace"] {
         let result = (|| -> Result<Idle> {
-            let lab =
-                Lab::up_with_env(dir, prefix, nodes, 1, "dir", &[("WEFT_WIREGUARD", backend)])?;
+            let env = [("WEFT_WIREGUARD", backend), ("WEFT_WIREGUARD_GO", &program)];
+            let lab = Lab::up_with_env(dir, prefix, nodes, 1, "dir", &env)?;
             check::converge(&lab, Duration::from_secs(20))?;
             std::thread::sleep(settle);
             let mut pids = Vec::new();
@@ -276,7 +288,10 @@ pub fn idle(
             }
             let n = nodes as f64;
             Ok(Idle {
-                backend: backend.to_string(),
+                backend: match backend {
+                    "external" => format!("external ({version})"),
+                    b => b.to_string(),
+                },
                 router_rss_mib: router.0 / n,
                 router_cpu: router.1 / n,
                 wireguard_go: (backend == "external").then(|| (wg.0 / n, wg.1 / n)),

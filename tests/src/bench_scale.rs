@@ -27,6 +27,8 @@ pub struct Scale {
     /// The same changes as seen by a watch of the bench's own (the API server's share).
     pub watch_p50: Duration,
     pub watch_p99: Duration,
+    /// How many of the changes the bench's watch saw (the shares are over those).
+    pub watch_seen: usize,
     /// The WireGuard backend the router ran (`userspace`: in-process; `external`).
     pub backend: String,
     /// RSS of the external WireGuard process (external backend).
@@ -287,6 +289,7 @@ fn measure(lab: &Lab, peers: usize, changes: usize, backend: &str) -> Result<Sca
         change_p99: pick(&latencies, 0.99),
         watch_p50: pick(&watch_latencies, 0.5),
         watch_p99: pick(&watch_latencies, 0.99),
+        watch_seen: watch_latencies.len(),
         backend: backend.to_string(),
         wg_rss_mib: lab.nodes[0]
             .wg_interface

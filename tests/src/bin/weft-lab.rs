@@ -385,9 +385,10 @@ async fn main() -> Result<()> {
                 println!("  slow: {:.1} ms, {name} written at {at}", ms(*d));
             }
             println!(
-                "the same changes seen by a plain watch (the API server's share): p50 {:.1} ms, p99 {:.1} ms",
+                "the same changes seen by a plain watch (the API server's share): p50 {:.1} ms, p99 {:.1} ms ({} of {changes} seen)",
                 ms(s.watch_p50),
-                ms(s.watch_p99)
+                ms(s.watch_p99),
+                s.watch_seen
             );
             println!(
                 "router CPU: {:.1} ms over the changes, {:.1} ms idle over as long: {:.1} ms per change",
