@@ -485,7 +485,8 @@ impl Actor {
         // Not before the peer store has listed the MeshPeers once: the plan knows no peer until
         // then, and a reconcile would remove every peer of an interface the last router left
         // (their sessions with them: pods' packets dropped until the next handshake).
-        if let Some(mesh) = self.mesh.as_mut().filter(|_| self.peers_synced) {
+        let synced = self.peers_synced;
+        if let Some(mesh) = self.mesh.as_mut().filter(|_| synced) {
             let t0 = std::time::Instant::now();
             if let Err(e) = mesh.reconcile(self.node.ring()) {
                 warn!("reconciling WireGuard peers: {e}");
